@@ -1,0 +1,643 @@
+"""mixvae: a mixture VAE whose discrete channel c is regularised by a logit-space
+mixture-of-Gaussians prior ("logit-MoG"), the categorical KL, or both.
+
+Read top to bottom: forward pass (encoder -> router -> decoders -> model), then the
+loss terms (each a pure function whose docstring states its formula), then the
+objective that combines them, then the compiled train/eval steps.
+
+Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
+[K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits,
+r = softmax(y') the responsibilities, s the router's selection weights.
+
+Every module acts on ONE example (Equinox style); batches are handled with vmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+ENCODERS = ("mlp", "conv")
+DECODERS = ("mlp", "conv")
+CONDITIONINGS = ("concat", "film", "separate")
+LATENT_LAYOUTS = ("decentralized", "shared")
+LIKELIHOODS = ("bernoulli", "gaussian", "heteroscedastic")
+ROUTERS = ("softmax", "gumbel", "straight_through")
+C_REGULARIZERS = ("categorical", "logit_mog", "both")
+
+_CONV_CHANNELS = (32, 64)  # conv trunk widths; the transposed-conv decoder mirrors them
+
+
+def image_side(input_dim: int) -> int:
+    """Side of the square image flattened into `input_dim` pixels."""
+    side = math.isqrt(input_dim)
+    if side * side != input_dim:
+        raise ValueError(f"conv layers need square images, got input_dim={input_dim}")
+    return side
+
+
+# --------------------------------------------------------------------------------------
+# Encoder: x -> (y(x), mu, log sigma^2)
+# --------------------------------------------------------------------------------------
+
+
+class ConvTrunk(eqx.Module):
+    """Two stride-2 convolutions (side -> side/4) and a dense layer to `width` units."""
+
+    convs: tuple[eqx.nn.Conv2d, ...]
+    dense: eqx.nn.Linear
+    side: int = eqx.field(static=True)
+
+    def __init__(self, input_dim: int, width: int, *, key):
+        self.side = image_side(input_dim)
+        k1, k2, k3 = jax.random.split(key, 3)
+        c1, c2 = _CONV_CHANNELS
+        self.convs = (
+            eqx.nn.Conv2d(1, c1, 4, stride=2, padding=1, key=k1),
+            eqx.nn.Conv2d(c1, c2, 4, stride=2, padding=1, key=k2),
+        )
+        reduced = (self.side // 2) // 2
+        self.dense = eqx.nn.Linear(c2 * reduced * reduced, width, key=k3)
+
+    def __call__(self, x):
+        h = x.reshape(1, self.side, self.side)
+        for conv in self.convs:
+            h = jax.nn.relu(conv(h))
+        return jax.nn.relu(self.dense(h.reshape(-1)))
+
+
+class Encoder(eqx.Module):
+    """Trunk h(x), then heads: channel logits y(x) in R^K and Gaussian posteriors.
+
+    `decentralized`: one posterior per channel, mu and log-variance of shape [K, D].
+    `shared`: one posterior for all channels, shape [D].
+    """
+
+    trunk: eqx.Module
+    logits_head: eqx.nn.Linear
+    posterior_head: eqx.nn.Linear
+    posterior_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, input_dim, num_components, latent_dim, *, layout, kind, width, key):
+        k_trunk, k_logits, k_post = jax.random.split(key, 3)
+        if kind == "mlp":
+            self.trunk = eqx.nn.MLP(
+                input_dim, width, width, depth=1, activation=jax.nn.relu,
+                final_activation=jax.nn.relu, key=k_trunk,
+            )
+        else:
+            self.trunk = ConvTrunk(input_dim, width, key=k_trunk)
+        self.posterior_shape = (
+            (num_components, latent_dim) if layout == "decentralized" else (latent_dim,)
+        )
+        self.logits_head = eqx.nn.Linear(width, num_components, key=k_logits)
+        self.posterior_head = eqx.nn.Linear(width, 2 * math.prod(self.posterior_shape), key=k_post)
+
+    def __call__(self, x):
+        h = self.trunk(x)
+        mean, log_var = jnp.split(self.posterior_head(h), 2)
+        return self.logits_head(h), mean.reshape(self.posterior_shape), log_var.reshape(self.posterior_shape)
+
+
+# --------------------------------------------------------------------------------------
+# Router: logits -> (selection weights s, responsibilities r). The -inf masking of
+# inactive channels lives here and only here.
+# --------------------------------------------------------------------------------------
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # s, [..., K], on the simplex; exactly 0 on inactive channels
+    responsibilities: jax.Array  # r = softmax(y'), [..., K]; exactly 0 on inactive channels
+
+
+def mask_logits(logits, active_mask=None):
+    """y'_k = y_k if k in A else -inf."""
+    if active_mask is None:
+        return logits
+    return jnp.where(active_mask, logits, -jnp.inf)
+
+
+def route(logits, key, *, temperature, mode, active_mask=None) -> Routing:
+    """Responsibilities r = softmax(y') and selection weights s:
+
+    softmax:          s = r
+    gumbel:           s = softmax((y' + g) / tau),  g ~ Gumbel(0, 1)
+    straight_through: s = onehot(argmax((y' + g) / tau)) in the forward pass,
+                      d s = d softmax((y' + g) / tau) in the backward pass.
+
+    `key=None` (evaluation) draws no noise: g = 0.
+    """
+    chex.assert_rank(logits, {1, 2})
+    masked = mask_logits(logits, active_mask)
+    responsibilities = jax.nn.softmax(masked, axis=-1)
+    if mode == "softmax":
+        return Routing(responsibilities, responsibilities)
+    noise = 0.0 if key is None else jax.random.gumbel(key, logits.shape, logits.dtype)
+    soft = jax.nn.softmax((masked + noise) / temperature, axis=-1)
+    if mode == "gumbel":
+        return Routing(soft, responsibilities)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    # Parenthesised so the forward value is exactly `hard`: soft - soft == 0 in IEEE.
+    return Routing(hard + (soft - jax.lax.stop_gradient(soft)), responsibilities)
+
+
+# --------------------------------------------------------------------------------------
+# Decoders: every channel is decoded, x_hat_k = f(z_k, k).
+# --------------------------------------------------------------------------------------
+
+
+def _decoder_input(z, embedding, *, film):
+    """[z, e] for concat conditioning; z alone for FiLM (e modulates) and separate decoders."""
+    return z if film or embedding is None else jnp.concatenate([z, embedding])
+
+
+def _film(h, film_layer, embedding):
+    """Feature-wise modulation h * (1 + gamma(e)) + beta(e), per unit (MLP) or per map (conv)."""
+    gamma, beta = jnp.split(film_layer(embedding), 2)
+    if h.ndim == 3:
+        gamma, beta = gamma[:, None, None], beta[:, None, None]
+    return h * (1.0 + gamma) + beta
+
+
+class MLPDecoder(eqx.Module):
+    """z (+ channel embedding e) -> hidden -> hidden -> P pixel outputs (+ extra outputs)."""
+
+    layers: tuple[eqx.nn.Linear, ...]
+    films: tuple[eqx.nn.Linear, ...] | None
+
+    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
+        keys = jax.random.split(key, 5)
+        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
+        self.layers = (
+            eqx.nn.Linear(in_dim, width, key=keys[0]),
+            eqx.nn.Linear(width, width, key=keys[1]),
+            eqx.nn.Linear(width, input_dim + num_extra, key=keys[2]),
+        )
+        self.films = (
+            tuple(eqx.nn.Linear(embed_dim, 2 * width, key=k) for k in keys[3:])
+            if conditioning == "film" else None
+        )
+
+    def __call__(self, z, embedding=None):
+        h = _decoder_input(z, embedding, film=self.films is not None)
+        for i, layer in enumerate(self.layers[:-1]):
+            h = jax.nn.relu(layer(h))
+            if self.films is not None:
+                h = _film(h, self.films[i], embedding)
+        return self.layers[-1](h)
+
+
+class ConvDecoder(eqx.Module):
+    """z (+ e) -> dense -> [C2, b, b] -> two stride-2 transposed convs -> crop to side x side.
+
+    Extra per-image outputs (the heteroscedastic log-scale) come from the dense features.
+    """
+
+    dense: eqx.nn.Linear
+    deconvs: tuple[eqx.nn.ConvTranspose2d, ...]
+    films: tuple[eqx.nn.Linear, ...] | None
+    extra: eqx.nn.Linear | None
+    side: int = eqx.field(static=True)
+    base: int = eqx.field(static=True)
+
+    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
+        del width  # the conv decoder's size is set by _CONV_CHANNELS
+        self.side = image_side(input_dim)
+        self.base = -(-self.side // 4)
+        keys = jax.random.split(key, 6)
+        c1, c2 = _CONV_CHANNELS
+        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
+        dense_dim = c2 * self.base * self.base
+        self.dense = eqx.nn.Linear(in_dim, dense_dim, key=keys[0])
+        self.deconvs = (
+            eqx.nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1, key=keys[1]),
+            eqx.nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1, key=keys[2]),
+        )
+        self.films = (
+            (eqx.nn.Linear(embed_dim, 2 * c2, key=keys[3]), eqx.nn.Linear(embed_dim, 2 * c1, key=keys[4]))
+            if conditioning == "film" else None
+        )
+        self.extra = eqx.nn.Linear(dense_dim, num_extra, key=keys[5]) if num_extra else None
+
+    def __call__(self, z, embedding=None):
+        h = jax.nn.relu(self.dense(_decoder_input(z, embedding, film=self.films is not None)))
+        h = h.reshape(-1, self.base, self.base)
+        if self.films is not None:
+            h = _film(h, self.films[0], embedding)
+        extra = None if self.extra is None else self.extra(h.reshape(-1))
+        h = jax.nn.relu(self.deconvs[0](h))
+        if self.films is not None:
+            h = _film(h, self.films[1], embedding)
+        pixels = self.deconvs[1](h)[0, : self.side, : self.side].reshape(-1)
+        return pixels if extra is None else jnp.concatenate([pixels, extra])
+
+
+class ChannelDecoders(eqx.Module):
+    """x_hat_k = f(z_k, k) for all K channels at once, never a Python loop over k.
+
+    concat / film: one network conditioned on a learned channel embedding e_k.
+    separate: K networks whose weights are stacked on a leading axis.
+    """
+
+    network: MLPDecoder | ConvDecoder
+    embeddings: jax.Array | None  # [K, E]; None for separate decoders
+
+    def __init__(self, num_components, latent_dim, input_dim, num_extra, *, kind, conditioning,
+                 width, embed_dim, key):
+        k_net, k_emb = jax.random.split(key)
+        cls = MLPDecoder if kind == "mlp" else ConvDecoder
+
+        def make(k):
+            return cls(latent_dim, input_dim, num_extra, width=width, embed_dim=embed_dim,
+                       conditioning=conditioning, key=k)
+
+        if conditioning == "separate":
+            self.network = eqx.filter_vmap(make)(jax.random.split(k_net, num_components))
+            self.embeddings = None
+        else:
+            self.network = make(k_net)
+            self.embeddings = jax.random.normal(k_emb, (num_components, embed_dim))
+
+    def __call__(self, z):
+        """z: [K, D] -> decoder outputs [K, P (+ extra)]."""
+        if self.embeddings is None:
+            return eqx.filter_vmap(lambda net, z_k: net(z_k))(self.network, z)
+        return jax.vmap(self.network)(z, self.embeddings)
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+class MixVAE(eqx.Module):
+    """Encoder, K channel decoders, and the mixture weights pi = softmax(pi_logits).
+
+    `pi_logits` is None when pi is fixed uniform (not learnable).
+    The likelihood p(x | x_hat) is part of the generative model, so its constants live here.
+    """
+
+    encoder: Encoder
+    decoders: ChannelDecoders
+    pi_logits: jax.Array | None
+    num_components: int = eqx.field(static=True)
+    latent_layout: str = eqx.field(static=True)
+    likelihood: str = eqx.field(static=True)
+    observation_sigma: float = eqx.field(static=True)
+    sigma_min: float = eqx.field(static=True)
+    sigma_max: float = eqx.field(static=True)
+
+    def __init__(self, key, *, input_dim, num_components, latent_dim, latent_layout="decentralized",
+                 encoder="mlp", decoder="mlp", conditioning="concat", likelihood="bernoulli",
+                 width=256, embed_dim=16, learnable_pi=False, observation_sigma=0.1,
+                 sigma_min=0.05, sigma_max=1.0):
+        for name, value, allowed in [
+            ("latent_layout", latent_layout, LATENT_LAYOUTS), ("encoder", encoder, ENCODERS),
+            ("decoder", decoder, DECODERS), ("conditioning", conditioning, CONDITIONINGS),
+            ("likelihood", likelihood, LIKELIHOODS),
+        ]:
+            _check_choice(name, value, allowed)
+        k_enc, k_dec = jax.random.split(key)
+        self.encoder = Encoder(input_dim, num_components, latent_dim, layout=latent_layout,
+                               kind=encoder, width=width, key=k_enc)
+        self.decoders = ChannelDecoders(
+            num_components, latent_dim, input_dim, int(likelihood == "heteroscedastic"),
+            kind=decoder, conditioning=conditioning, width=width, embed_dim=embed_dim, key=k_dec,
+        )
+        self.pi_logits = jnp.zeros(num_components) if learnable_pi else None
+        self.num_components = num_components
+        self.latent_layout = latent_layout
+        self.likelihood = likelihood
+        self.observation_sigma = observation_sigma
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+
+def mixture_weights(model: MixVAE, active_mask=None):
+    """pi = softmax(pi_logits) restricted to A and renormalised (uniform on A when fixed)."""
+    logits = jnp.zeros(model.num_components) if model.pi_logits is None else model.pi_logits
+    return jax.nn.softmax(mask_logits(logits, active_mask))
+
+
+# --------------------------------------------------------------------------------------
+# Loss terms: pure functions on arrays with any leading batch shape [..., K].
+# --------------------------------------------------------------------------------------
+
+
+def _xlogy(x, y):
+    """x log y with 0 log 0 = 0 and finite gradients at x = 0 (double-where)."""
+    safe_y = jnp.where(x > 0, y, 1.0)
+    return jnp.where(x > 0, x * jnp.log(safe_y), 0.0)
+
+
+def entropy(p):
+    """H(p) = -sum_k p_k log p_k over the last axis, with 0 log 0 = 0."""
+    return -jnp.sum(_xlogy(p, p), axis=-1)
+
+
+def logit_mog_log_prior(logits, *, mean, sigma, active_mask=None):
+    """log p_mix(y) with p_mix(y) = (1/|A|) sum_{k in A} N(y; M e_k, sigma^2 I_K).
+
+    log N(y; M e_k, sigma^2 I_K) = -(K/2) log(2 pi sigma^2) - ||y - M e_k||^2 / (2 sigma^2),
+    combined with a stable logsumexp over the active k. The distances use the raw finite
+    logits y(x) directly (never -inf-masked ones, never the expanded form
+    ||y||^2 - 2 M y_k + M^2, which cancels catastrophically near a mode when sigma is tiny).
+    The logit-MoG penalty is the negative of this.  logits: [..., K] -> [...].
+    """
+    num_components = logits.shape[-1]
+    chex.assert_rank(logits, {1, 2})
+    centres = mean * jnp.eye(num_components, dtype=logits.dtype)  # row k = M e_k
+    sq_dist = jnp.sum(jnp.square(logits[..., None, :] - centres), axis=-1)  # [..., K]
+    log_normal = -0.5 * num_components * jnp.log(2 * jnp.pi * sigma**2) - sq_dist / (2 * sigma**2)
+    if active_mask is None:
+        active_mask = jnp.ones(num_components, bool)
+    log_num_active = jnp.log(jnp.sum(active_mask).astype(logits.dtype))
+    return jax.nn.logsumexp(jnp.where(active_mask, log_normal, -jnp.inf), axis=-1) - log_num_active
+
+
+def categorical_kl(responsibilities, pi, active_mask=None):
+    """KL(r || pi) = sum_{k in A} r_k (log r_k - log pi_k), pi renormalised on A.
+
+    Exactly 0 when r == pi; finite (0 log 0 = 0) when r has exact zeros.  [..., K] -> [...].
+    """
+    chex.assert_equal_shape_suffix([responsibilities, pi], 1)
+    if active_mask is not None:
+        pi = jnp.where(active_mask, pi, 0.0)
+    pi = pi / jnp.sum(pi, axis=-1, keepdims=True)
+    return jnp.sum(_xlogy(responsibilities, responsibilities) - _xlogy(responsibilities, pi), axis=-1)
+
+
+def gaussian_kl(mean, log_var):
+    """KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_d (mu_d^2 + sigma_d^2 - 1 - log sigma_d^2)."""
+    chex.assert_equal_shape([mean, log_var])
+    return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(log_var) - 1.0 - log_var, axis=-1)
+
+
+def dirichlet_penalty(pi, alpha, active_mask=None):
+    """Dirichlet MAP on pi (up to a constant): -(alpha - 1) sum_{k in A} log pi_k."""
+    log_pi = jnp.log(jnp.where(pi > 0, pi, 1.0))
+    if active_mask is not None:
+        log_pi = jnp.where(active_mask, log_pi, 0.0)
+    return -(alpha - 1.0) * jnp.sum(log_pi, axis=-1)
+
+
+def reconstruction_nll(x, decoded, *, likelihood, observation_sigma=0.1, sigma_min=0.05, sigma_max=1.0):
+    """-log p(x | x_hat) summed over the P pixels.  x: [..., P], decoded: [..., P (+1)] -> [...].
+
+    bernoulli:       decoded are logits; sum_p softplus(o_p) - x_p o_p.
+    gaussian:        mean sigmoid(o), fixed sigma; sum_p (x_p - mu_p)^2 / (2 sigma^2) + log(sqrt(2 pi) sigma).
+    heteroscedastic: as gaussian with one sigma per image, clip(sigma_min + softplus(s), sigma_min,
+                     sigma_max), s the decoder's last output.
+    """
+    num_pixels = x.shape[-1]
+    logits = decoded[..., :num_pixels]
+    if likelihood == "bernoulli":
+        return jnp.sum(jax.nn.softplus(logits) - x * logits, axis=-1)
+    if likelihood == "gaussian":
+        sigma = jnp.asarray(observation_sigma, x.dtype)
+    else:
+        sigma = jnp.clip(sigma_min + jax.nn.softplus(decoded[..., -1]), sigma_min, sigma_max)[..., None]
+    z = (x - jax.nn.sigmoid(logits)) / sigma
+    return jnp.sum(0.5 * jnp.square(z) + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def decoded_mean(decoded, num_pixels):
+    """The image each channel predicts, in [0, 1]: sigmoid of the pixel outputs."""
+    return jax.nn.sigmoid(decoded[..., :num_pixels])
+
+
+def usage_stats(usage):
+    """From channel usage p_hat = E_x r: k_eff = exp H(p_hat) and #channels with p_hat_k > 1e-3."""
+    return jnp.exp(entropy(usage)), jnp.sum(usage > 1e-3).astype(usage.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The loss's fixed hyperparameters (hashable: part of the compiled step's cache key)."""
+
+    c_regularizer: str = "logit_mog"  # categorical | logit_mog | both
+    kl_c_weight: float = 1.0  # w_cat
+    prior_weight: float = 1.0  # lambda
+    prior_mean: float = 7.0  # M
+    prior_sigma: float = 1.0  # sigma
+    beta_z: float = 1.0
+    dirichlet_alpha: float | None = None  # None: no Dirichlet MAP term
+    dirichlet_weight: float = 1.0
+    diversity_weight: float = 0.0  # < 0 rewards diverse usage
+    router: str = "straight_through"
+
+    def __post_init__(self):
+        _check_choice("c_regularizer", self.c_regularizer, C_REGULARIZERS)
+        _check_choice("router", self.router, ROUTERS)
+
+
+class Schedule(eqx.Module):
+    """Per-epoch values, passed as arrays so that changing them never recompiles."""
+
+    kl_c_scale: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, jnp.float32))  # a(e)
+    temperature: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, jnp.float32))  # tau
+    active_mask: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, bool))  # A, [K]
+
+
+class Terms(NamedTuple):
+    """Per-example quantities of one forward pass (leading batch axis B)."""
+
+    logits: jax.Array  # y(x), [B, K], raw
+    weights: jax.Array  # s, [B, K]
+    responsibilities: jax.Array  # r, [B, K]
+    nll: jax.Array  # -log p(x | z_k), [B, K]
+    kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
+
+
+def forward(model: MixVAE, x, key, sched: Schedule, router: str) -> Terms:
+    """Encode, route, sample z_k = mu_k + sigma_k eps (mu_k when key is None), decode every channel."""
+    chex.assert_rank(x, 2)
+    logits, mean, log_var = jax.vmap(model.encoder)(x)
+    route_key, noise_key = (None, None) if key is None else jax.random.split(key)
+    routing = route(logits, route_key, temperature=sched.temperature, mode=router,
+                    active_mask=sched.active_mask)
+    z = mean
+    if key is not None:
+        z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
+    if model.latent_layout == "shared":
+        z = jnp.broadcast_to(z[:, None, :], (x.shape[0], model.num_components, z.shape[-1]))
+    decoded = jax.vmap(model.decoders)(z)
+    nll = reconstruction_nll(x[:, None, :], decoded, likelihood=model.likelihood,
+                             observation_sigma=model.observation_sigma,
+                             sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    return Terms(logits, routing.weights, routing.responsibilities, nll, gaussian_kl(mean, log_var))
+
+
+def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
+    """The total loss (batch mean) and its metrics, from the per-example terms.
+
+    L = sum_k s_k l(x, x_hat_k) + beta_z KL_z
+        + a w_cat KL(r || pi)                  (categorical, both)
+        + a lambda (-log p_mix(y(x)))          (logit_mog, both)
+        + w_dir (-(alpha - 1) sum_k log pi_k)  (alpha set)
+        + w_div H(mean_batch r)
+    KL_z sums over the active channels (decentralized) or is the one shared KL.
+    """
+    mask = sched.active_mask
+    pi = mixture_weights(model, mask)
+    r = terms.responsibilities
+    kl_z_per_channel = terms.kl_z if terms.kl_z.ndim == 2 else None
+    kl_z = terms.kl_z if kl_z_per_channel is None else jnp.sum(jnp.where(mask, terms.kl_z, 0.0), -1)
+    reconstruction = jnp.mean(jnp.sum(terms.weights * terms.nll, axis=-1))
+    kl_c = jnp.mean(categorical_kl(r, pi, mask))
+    uses_categorical = objective.c_regularizer in ("categorical", "both")
+    uses_logit_mog = objective.c_regularizer in ("logit_mog", "both")
+    kl_c_term = sched.kl_c_scale * objective.kl_c_weight * kl_c if uses_categorical else 0.0
+    neg_log_prior = -logit_mog_log_prior(terms.logits, mean=objective.prior_mean,
+                                         sigma=objective.prior_sigma, active_mask=mask)
+    logit_mog_term = (sched.kl_c_scale * objective.prior_weight * jnp.mean(neg_log_prior)
+                      if uses_logit_mog else jnp.zeros(()))
+    dirichlet_term = (objective.dirichlet_weight * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
+                      if objective.dirichlet_alpha is not None else jnp.zeros(()))
+    usage = jnp.mean(r, axis=0)
+    diversity = entropy(usage)
+    loss = (reconstruction + objective.beta_z * jnp.mean(kl_z) + kl_c_term + logit_mog_term
+            + dirichlet_term + objective.diversity_weight * diversity)
+    # -ELBO of the mixture posterior q(c|x) = r: E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi).
+    expected_kl_z = kl_z if kl_z_per_channel is None else jnp.sum(r * kl_z_per_channel, axis=-1)
+    neg_elbo = jnp.mean(jnp.sum(r * terms.nll, axis=-1) + expected_kl_z) + kl_c
+    k_eff, active_components = usage_stats(usage)
+    metrics = {
+        "loss": loss,
+        "reconstruction_loss": reconstruction,
+        "kl_z": jnp.mean(kl_z),
+        "kl_c": kl_c,
+        "kl_c_logit_mog": logit_mog_term,
+        "dirichlet_penalty": dirichlet_term,
+        "component_diversity": diversity,
+        "component_entropy": jnp.mean(entropy(r)),
+        "responsibility_confidence": jnp.mean(jnp.max(r, axis=-1)),
+        "k_eff": k_eff,
+        "active_components": active_components,
+        "pi_entropy": entropy(pi),
+        "neg_elbo": neg_elbo,
+        "kl_c_scale": sched.kl_c_scale,
+        "gumbel_temperature": sched.temperature,
+        "k_active": jnp.sum(mask).astype(jnp.float32),
+        "usage": usage,
+    }
+    return loss, metrics
+
+
+METRICS = {
+    "loss": "total objective L (minimised)",
+    "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
+    "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
+    "kl_c": "KL(r || pi), unweighted",
+    "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L",
+    "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
+    "component_diversity": "H(E_batch r), usage entropy",
+    "component_entropy": "E[H(r)], per-example routing entropy",
+    "responsibility_confidence": "E[max_k r_k]",
+    "k_eff": "exp H(p_hat), p_hat = E_x r: effective number of channels used",
+    "active_components": "#channels with p_hat_k > 1e-3",
+    "pi_entropy": "H(pi)",
+    "neg_elbo": "-ELBO with q(c|x) = r, nats per example",
+    "kl_c_scale": "annealing factor a(e) of both c-terms",
+    "gumbel_temperature": "router temperature tau",
+    "k_active": "|A|, number of open channels",
+}
+
+
+def loss_fn(model: MixVAE, x, key, sched: Schedule, objective: Objective):
+    """(L, metrics) on one batch x: [B, P]; key=None evaluates without noise."""
+    return aggregate(model, forward(model, x, key, sched, objective.router), sched, objective)
+
+
+def summarize(stacked_metrics):
+    """Epoch metrics from per-batch metrics stacked on axis 0: batch means, with k_eff and
+    active_components recomputed from the epoch's mean usage p_hat."""
+    epoch = {name: jnp.mean(value, axis=0) for name, value in stacked_metrics.items()}
+    epoch["k_eff"], epoch["active_components"] = usage_stats(epoch["usage"])
+    return epoch
+
+
+# --------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------
+
+
+def make_optimizer(learning_rate, *, weight_decay=1e-4, clip_norm=10.0):
+    """Global-norm clipping, then AdamW."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
+def init_optimizer(optimizer, model):
+    return optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+def to_unit_interval(images):
+    """uint8 pixels -> float32 in [0, 1]; float images are taken as already scaled."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
+def train_step(model, opt_state, x, key, sched, objective, optimizer):
+    """One gradient step on batch x: returns (model, opt_state, metrics)."""
+    (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, x, key, sched, objective)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.apply_updates(model, updates), opt_state, metrics
+
+
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
+def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, optimizer):
+    """A whole epoch as one compiled call: lax.scan of train_step over the pre-shuffled
+    batch indices [S, B] into the device-resident `images` [N, P].
+    Returns (model, opt_state, per-step metrics stacked on axis 0)."""
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def step(carry, inputs):
+        params, opt_state = carry
+        indices, step_key = inputs
+        x = to_unit_interval(images[indices])
+        model, opt_state, metrics = train_step(eqx.combine(params, static), opt_state, x, step_key,
+                                               sched, objective, optimizer)
+        return (eqx.filter(model, eqx.is_array), opt_state), metrics
+
+    step_keys = jax.random.split(key, batch_indices.shape[0])
+    (params, opt_state), metrics = jax.lax.scan(step, (params, opt_state), (batch_indices, step_keys))
+    return eqx.combine(params, static), opt_state, metrics
+
+
+@eqx.filter_jit
+def evaluate(model, images, sched, objective, chunk_size=1024):
+    """Deterministic forward pass (no noise) over all of `images` [N, P] in jitted chunks,
+    then the objective over the whole split as one batch.  Returns (metrics, terms)."""
+    num = images.shape[0]
+    chunk_size = min(chunk_size, num)
+    num_chunks = -(-num // chunk_size)
+    padded = jnp.concatenate([images, jnp.zeros((num_chunks * chunk_size - num,) + images.shape[1:],
+                                                 images.dtype)])
+    chunks = padded.reshape(num_chunks, chunk_size, -1)
+    terms = jax.lax.map(lambda x: forward(model, to_unit_interval(x), None, sched, objective.router), chunks)
+    terms = jax.tree.map(lambda t: t.reshape((num_chunks * chunk_size,) + t.shape[2:])[:num], terms)
+    _, metrics = aggregate(model, terms, sched, objective)
+    return metrics, terms

@@ -1,0 +1,310 @@
+"""Tests: the math against independent float64 references, the router, the model, the
+steps, and (further down) the program end to end."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp as np_logsumexp
+from scipy.stats import multivariate_normal
+
+import mixvae
+
+jax.config.update("jax_platforms", "cpu")
+
+
+def reference_log_prior(y, mean, sigma, mask):
+    """log (1/|A|) sum_{k in A} N(y; M e_k, sigma^2 I), float64, via scipy."""
+    num_components = y.shape[-1]
+    active = np.flatnonzero(mask)
+    log_densities = [
+        multivariate_normal(mean * np.eye(num_components)[k], sigma**2 * np.eye(num_components)).logpdf(y)
+        for k in active
+    ]
+    return np_logsumexp(np.stack(log_densities, axis=-1), axis=-1) - np.log(len(active))
+
+
+# --------------------------------------------------------------------------------------
+# logit-MoG log-prior
+# --------------------------------------------------------------------------------------
+
+
+def test_logit_mog_penalty_prefers_axis_aligned_logits():
+    """The seed's guard: axis-aligned logits get a lower penalty than flat logits."""
+    axis_aligned = jnp.array([[7.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, 0.0]])
+    flat = jnp.full((2, 4), 7.0 / 4)
+    penalty = lambda y: -mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0)
+    assert np.all(penalty(axis_aligned) < penalty(flat))
+
+
+@pytest.mark.parametrize("num_components", [1, 2, 5, 20])
+@pytest.mark.parametrize("mean,sigma", [(7.0, 1.0), (3.0, 0.5), (10.0, 2.5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_logit_mog_log_prior_matches_scipy(num_components, mean, sigma, masked):
+    rng = np.random.default_rng(num_components * 100 + int(mean * 10) + masked)
+    y = rng.normal(0.0, 4.0, size=(16, num_components))
+    y[:4] += mean * np.eye(num_components)[rng.integers(num_components, size=4)]  # near modes
+    mask = np.ones(num_components, bool)
+    if masked and num_components > 1:
+        mask = rng.random(num_components) < 0.5
+        mask[rng.integers(num_components)] = True
+    expected = reference_log_prior(y, mean, sigma, mask)
+    got = mixvae.logit_mog_log_prior(jnp.asarray(y, jnp.float32), mean=mean, sigma=sigma,
+                                     active_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+def test_logit_mog_masked_channels_leave_the_distances_but_not_the_sum():
+    """Masking removes components from the sum only: the distance of every component still
+    uses all K raw logits, including the masked channels' (never -inf)."""
+    y = jnp.array([[6.0, 1.0, -2.0], [0.5, 0.2, 9.0]])
+    mask = jnp.array([True, True, False])
+    got = mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0, active_mask=mask)
+    np.testing.assert_allclose(got, reference_log_prior(np.asarray(y, float), 7.0, 1.0, mask), rtol=1e-6)
+    assert np.all(np.isfinite(got))
+
+
+@pytest.mark.parametrize(
+    "logits,sigma,mask",
+    [
+        (1e4 * np.array([[1.0, -1.0, 0.5], [-1.0, 1.0, 1.0]]), 1.0, None),
+        (np.array([[7.0, 0.001, -0.002], [3.0, 3.0, 3.0]]), 1e-3, None),
+        (np.array([[2.0], [-1e4]]), 0.5, None),  # K = 1
+        (np.array([[1e4, -3.0, 2.0], [0.0, 7.0, 0.0]]), 1e-3, np.array([False, True, False])),
+    ],
+    ids=["huge-logits", "tiny-sigma", "K=1", "one-active"],
+)
+def test_logit_mog_extremes_are_finite_with_finite_gradients(logits, sigma, mask):
+    y = jnp.asarray(logits, jnp.float32)
+    active = None if mask is None else jnp.asarray(mask)
+    fn = lambda y: jnp.sum(mixvae.logit_mog_log_prior(y, mean=7.0, sigma=sigma, active_mask=active))
+    value, grad = jax.value_and_grad(fn)(y)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    reference = reference_log_prior(np.asarray(logits, float), 7.0, sigma,
+                                    np.ones(y.shape[-1], bool) if mask is None else mask)
+    np.testing.assert_allclose(float(value), reference.sum(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# categorical KL and the other terms
+# --------------------------------------------------------------------------------------
+
+
+def test_categorical_kl_is_zero_at_pi_positive_elsewhere_and_matches_numpy():
+    rng = np.random.default_rng(0)
+    pi = rng.dirichlet(np.ones(6))
+    r = rng.dirichlet(np.ones(6), size=10)
+    np.testing.assert_array_equal(mixvae.categorical_kl(jnp.asarray(pi), jnp.asarray(pi)), 0.0)
+    got = np.asarray(mixvae.categorical_kl(jnp.asarray(r), jnp.asarray(pi)))
+    np.testing.assert_allclose(got, np.sum(r * np.log(r / pi), axis=-1), rtol=1e-5)
+    assert np.all(got > 0)
+
+
+def test_categorical_kl_with_zeros_and_mask_renormalises_pi():
+    pi = np.array([0.1, 0.2, 0.3, 0.4])
+    mask = np.array([True, False, True, True])
+    r = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5]])
+    pi_active = pi * mask / np.sum(pi * mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.nansum(np.where(r > 0, r * np.log(r / pi_active), 0.0), axis=-1)
+    fn = lambda r: mixvae.categorical_kl(r, jnp.asarray(pi), jnp.asarray(mask))
+    got, grad = fn(jnp.asarray(r)), jax.grad(lambda r: jnp.sum(fn(r)))(jnp.asarray(r))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.all(np.isfinite(grad))
+
+
+def test_gaussian_kl_matches_closed_form():
+    rng = np.random.default_rng(1)
+    mean, log_var = rng.normal(size=(2, 7, 3))
+    expected = 0.5 * np.sum(mean**2 + np.exp(log_var) - 1 - log_var, axis=-1)
+    np.testing.assert_allclose(mixvae.gaussian_kl(jnp.asarray(mean), jnp.asarray(log_var)), expected, rtol=1e-5)
+    assert float(mixvae.gaussian_kl(jnp.zeros(3), jnp.zeros(3))) == 0.0
+
+
+def test_dirichlet_penalty_and_entropy():
+    pi = np.array([0.5, 0.25, 0.25])
+    np.testing.assert_allclose(mixvae.dirichlet_penalty(jnp.asarray(pi), 3.0), -2 * np.log(pi).sum(), rtol=1e-6)
+    np.testing.assert_allclose(mixvae.entropy(jnp.asarray([1.0, 0.0])), 0.0)
+    np.testing.assert_allclose(mixvae.entropy(jnp.full(4, 0.25)), np.log(4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("likelihood", mixvae.LIKELIHOODS)
+def test_reconstruction_nll_matches_scipy(likelihood):
+    from scipy.stats import bernoulli, norm
+
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 5))
+    out = rng.normal(size=(3, 6))
+    got = mixvae.reconstruction_nll(jnp.asarray(x), jnp.asarray(out), likelihood=likelihood,
+                                    observation_sigma=0.2, sigma_min=0.05, sigma_max=1.0)
+    p = 1 / (1 + np.exp(-out[:, :5]))
+    if likelihood == "bernoulli":
+        binary = (x > 0.5).astype(float)  # the Bernoulli pmf at binary x; the formula covers [0,1]
+        got = mixvae.reconstruction_nll(jnp.asarray(binary), jnp.asarray(out), likelihood=likelihood)
+        expected = -bernoulli(p).logpmf(binary).sum(-1)
+    else:
+        sigma = 0.2 if likelihood == "gaussian" else np.clip(0.05 + np.log1p(np.exp(out[:, 5:])), 0.05, 1.0)
+        expected = -norm(p, sigma).logpdf(x).sum(-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Router
+# --------------------------------------------------------------------------------------
+
+
+LOGITS = jnp.array([[2.0, 0.5, -1.0, 3.0], [0.0, 0.1, 0.2, 0.3], [-2.0, 4.0, 1.0, 0.0]])
+MASK = jnp.array([True, True, False, True])
+
+
+@pytest.mark.parametrize("mode", mixvae.ROUTERS)
+def test_masked_channels_get_exactly_zero_weight_in_every_mode(mode):
+    for key in (jax.random.key(0), None):
+        routing = mixvae.route(LOGITS + 10.0 * ~MASK, key, temperature=0.5, mode=mode, active_mask=MASK)
+        assert np.all(np.asarray(routing.weights)[:, 2] == 0.0)
+        assert np.all(np.asarray(routing.responsibilities)[:, 2] == 0.0)
+        np.testing.assert_allclose(np.sum(routing.weights, -1), 1.0, rtol=1e-6)
+
+
+def test_straight_through_is_one_hot_forward_and_soft_backward():
+    key = jax.random.key(3)
+    routing = mixvae.route(LOGITS, key, temperature=0.7, mode="straight_through")
+    weights = np.asarray(routing.weights)
+    assert set(np.unique(weights)) <= {0.0, 1.0} and np.all(weights.sum(-1) == 1.0)
+    probe = jnp.arange(12.0).reshape(3, 4)
+    hard_grad = jax.grad(lambda y: jnp.sum(probe * mixvae.route(
+        y, key, temperature=0.7, mode="straight_through").weights))(LOGITS)
+    soft_grad = jax.grad(lambda y: jnp.sum(probe * mixvae.route(
+        y, key, temperature=0.7, mode="gumbel").weights))(LOGITS)
+    np.testing.assert_allclose(hard_grad, soft_grad, rtol=1e-6)
+    assert np.any(hard_grad != 0)
+
+
+@pytest.mark.parametrize("mode", mixvae.ROUTERS)
+def test_evaluation_routing_is_deterministic(mode):
+    first = mixvae.route(LOGITS, None, temperature=0.5, mode=mode)
+    second = mixvae.route(LOGITS, None, temperature=0.5, mode=mode)
+    np.testing.assert_array_equal(first.weights, second.weights)
+    np.testing.assert_allclose(first.responsibilities, jax.nn.softmax(LOGITS), rtol=1e-6)
+    if mode == "straight_through":
+        np.testing.assert_array_equal(first.weights, jax.nn.one_hot(jnp.argmax(LOGITS, -1), 4))
+
+
+# --------------------------------------------------------------------------------------
+# Model and steps
+# --------------------------------------------------------------------------------------
+
+
+def tiny_model(key=0, **kwargs):
+    options = dict(input_dim=64, num_components=3, latent_dim=2, width=32, embed_dim=4)
+    return mixvae.MixVAE(jax.random.key(key), **(options | kwargs))
+
+
+def all_active(num_components=3, **kwargs):
+    return mixvae.Schedule(**({"kl_c_scale": 1.0, "temperature": 1.0,
+                               "active_mask": jnp.ones(num_components, bool)} | kwargs))
+
+
+TINY_BATCH = (jax.random.uniform(jax.random.key(42), (16, 64)) > 0.6).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("conditioning", mixvae.CONDITIONINGS)
+@pytest.mark.parametrize("decoder", mixvae.DECODERS)
+def test_model_trains_on_a_tiny_batch(conditioning, decoder):
+    model = tiny_model(conditioning=conditioning, decoder=decoder, encoder=decoder)
+    objective = mixvae.Objective(c_regularizer="both", router="gumbel")
+    optimizer = mixvae.make_optimizer(3e-3)
+    opt_state = mixvae.init_optimizer(optimizer, model)
+    sched = all_active()
+    key = jax.random.key(0)
+    first, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
+    for step in range(50):
+        model, opt_state, metrics = mixvae.train_step(model, opt_state, TINY_BATCH, jax.random.fold_in(key, step),
+                                                      sched, objective, optimizer)
+        assert np.isfinite(metrics["loss"])
+    last, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
+    assert float(last) < 0.8 * float(first)
+
+
+def test_separate_decoders_are_independent_stacked_networks():
+    model = tiny_model(conditioning="separate")
+    first_layer = model.decoders.network.layers[0].weight
+    assert first_layer.shape[0] == 3 and not np.allclose(first_layer[0], first_layer[1])
+    z = jax.random.normal(jax.random.key(1), (3, 2))
+    out = model.decoders(z)
+    one = jax.tree.map(lambda leaf: leaf[1] if eqx.is_array(leaf) else leaf, model.decoders.network)
+    np.testing.assert_allclose(out[1], one(z[1]), rtol=1e-5)
+
+
+def test_train_step_and_epoch_compile_once_across_schedule_values():
+    model = tiny_model()
+    objective = mixvae.Objective()
+    optimizer = mixvae.make_optimizer(1e-3)
+    opt_state = mixvae.init_optimizer(optimizer, model)
+    before_step = eqx.debug.get_num_traces(mixvae.train_step)
+    before_epoch = eqx.debug.get_num_traces(mixvae.train_epoch)
+    batches = jnp.arange(16).reshape(2, 8)
+    mask = jnp.ones(3, bool)
+    for scale, temperature, active in [(0.1, 2.0, mask), (0.5, 1.0, mask), (1.0, 0.3, mask.at[2].set(False))]:
+        sched = all_active(kl_c_scale=scale, temperature=temperature, active_mask=active)
+        model, opt_state, _ = mixvae.train_step(model, opt_state, TINY_BATCH, jax.random.key(0), sched,
+                                                objective, optimizer)
+        model, opt_state, _ = mixvae.train_epoch(model, opt_state, TINY_BATCH, batches, jax.random.key(1),
+                                                 sched, objective, optimizer)
+    # train_epoch traces train_step once inside its own single trace.
+    assert eqx.debug.get_num_traces(mixvae.train_step) - before_step == 2
+    assert eqx.debug.get_num_traces(mixvae.train_epoch) - before_epoch == 1
+
+
+def test_loss_terms_follow_the_regularizer_choice_and_schedule():
+    model = tiny_model()
+    sched = all_active(kl_c_scale=0.25)
+    _, cat = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="categorical"))
+    _, mog = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="logit_mog",
+                                                                             prior_weight=2.0))
+    _, both = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="both",
+                                                                              kl_c_weight=3.0, prior_weight=2.0))
+    assert float(cat["kl_c_logit_mog"]) == 0.0
+    terms = mixvae.forward(model, TINY_BATCH, None, sched, "straight_through")
+    neg_log_prior = -mixvae.logit_mog_log_prior(terms.logits, mean=7.0, sigma=1.0)
+    np.testing.assert_allclose(mog["kl_c_logit_mog"], 0.25 * 2.0 * np.mean(neg_log_prior), rtol=1e-6)
+    rest = lambda m: m["reconstruction_loss"] + m["kl_z"]
+    np.testing.assert_allclose(cat["loss"], rest(cat) + 0.25 * cat["kl_c"], rtol=1e-6)
+    np.testing.assert_allclose(both["loss"], rest(both) + 0.25 * 3.0 * both["kl_c"] + both["kl_c_logit_mog"],
+                               rtol=1e-6)
+
+
+def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
+    model = tiny_model()
+    mask = jnp.array([True, False, True])
+    sched = all_active(active_mask=mask)
+    terms = mixvae.forward(model, TINY_BATCH, jax.random.key(0), sched, "gumbel")
+    assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(np.asarray(terms.responsibilities)[:, 1] == 0)
+    _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective())
+    two_channel = np.sum(np.asarray(terms.weights)[:, [0, 2]] * np.asarray(terms.nll)[:, [0, 2]], -1).mean()
+    np.testing.assert_allclose(metrics["reconstruction_loss"], two_channel, rtol=1e-6)
+    expected = -mixvae.logit_mog_log_prior(terms.logits, mean=7.0, sigma=1.0, active_mask=mask).mean()
+    np.testing.assert_allclose(metrics["kl_c_logit_mog"], expected, rtol=1e-6)
+    assert float(metrics["k_active"]) == 2.0
+
+
+def test_evaluate_in_chunks_equals_one_batch():
+    model = tiny_model(latent_layout="shared", learnable_pi=True)
+    sched = all_active()
+    objective = mixvae.Objective(c_regularizer="both", dirichlet_alpha=2.0, diversity_weight=-0.5)
+    images = (jax.random.uniform(jax.random.key(7), (37, 64)) * 255).astype(jnp.uint8)
+    chunked, terms = mixvae.evaluate(model, images, sched, objective, chunk_size=8)
+    _, whole = mixvae.loss_fn(model, mixvae.to_unit_interval(images), None, sched, objective)
+    assert terms.responsibilities.shape == (37, 3)
+    for name in mixvae.METRICS:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_metrics_cover_the_design_list():
+    _, metrics = mixvae.loss_fn(tiny_model(), TINY_BATCH, None, all_active(), mixvae.Objective())
+    assert set(mixvae.METRICS) <= set(metrics)
+    design = ("loss reconstruction_loss kl_z kl_c kl_c_logit_mog dirichlet_penalty component_diversity "
+              "component_entropy responsibility_confidence k_eff active_components pi_entropy kl_c_scale "
+              "gumbel_temperature k_active").split()
+    assert set(design) <= set(mixvae.METRICS)
