@@ -627,17 +627,18 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
     return eqx.combine(params, static), opt_state, metrics
 
 
-@eqx.filter_jit
-def evaluate(model, images, sched, objective, chunk_size=1024):
-    """Deterministic forward pass (no noise) over all of `images` [N, P] in jitted chunks,
-    then the objective over the whole split as one batch.  Returns (metrics, terms)."""
+_forward_jit = eqx.filter_jit(forward)
+_aggregate_jit = eqx.filter_jit(aggregate)
+
+
+def evaluate(model, images, sched, objective, chunk_size=256):
+    """Deterministic forward pass (no noise) over `images` [N, P] in fixed-size jitted chunks
+    (one compilation serves every split), then the objective over the whole split as one batch.
+    Returns (metrics, terms)."""
     num = images.shape[0]
-    chunk_size = min(chunk_size, num)
-    num_chunks = -(-num // chunk_size)
-    padded = jnp.concatenate([images, jnp.zeros((num_chunks * chunk_size - num,) + images.shape[1:],
-                                                 images.dtype)])
-    chunks = padded.reshape(num_chunks, chunk_size, -1)
-    terms = jax.lax.map(lambda x: forward(model, to_unit_interval(x), None, sched, objective.router), chunks)
-    terms = jax.tree.map(lambda t: t.reshape((num_chunks * chunk_size,) + t.shape[2:])[:num], terms)
-    _, metrics = aggregate(model, terms, sched, objective)
+    padded = jnp.concatenate([images, jnp.zeros((-num % chunk_size,) + images.shape[1:], images.dtype)])
+    chunks = [_forward_jit(model, to_unit_interval(padded[start:start + chunk_size]), None, sched,
+                           objective.router) for start in range(0, num, chunk_size)]
+    terms = jax.tree.map(lambda *parts: jnp.concatenate(parts)[:num], *chunks)
+    _, metrics = _aggregate_jit(model, terms, sched, objective)
     return metrics, terms

@@ -1,6 +1,12 @@
 """Tests: the math against independent float64 references, the router, the model, the
 steps, and (further down) the program end to end."""
 
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,7 +15,9 @@ import pytest
 from scipy.special import logsumexp as np_logsumexp
 from scipy.stats import multivariate_normal
 
+import configs
 import mixvae
+import train
 
 jax.config.update("jax_platforms", "cpu")
 
@@ -308,3 +316,106 @@ def test_metrics_cover_the_design_list():
               "component_entropy responsibility_confidence k_eff active_components pi_entropy kl_c_scale "
               "gumbel_temperature k_active").split()
     assert set(design) <= set(mixvae.METRICS)
+
+
+# --------------------------------------------------------------------------------------
+# The program: configuration, CLI, a short run end to end
+# --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).parent
+
+
+def run_cli(*args, timeout=180):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_usage_line_parses_to_the_expected_config():
+    config = train.parse_config(["--c-regularizer", "logit_mog", "--prior-mean", "7"])
+    assert config == configs.Config(c_regularizer="logit_mog", prior_mean=7.0)
+    config = train.parse_config(["--c-regularizer", "both", "--prior-sigma", "0.5", "--kl-c-weight", "0",
+                                 "--learnable-pi", "--dirichlet-alpha", "2", "--router", "gumbel"])
+    assert (config.c_regularizer, config.prior_sigma, config.kl_c_weight) == ("both", 0.5, 0.0)
+    assert config.learnable_pi and config.dirichlet_alpha == 2.0 and config.router == "gumbel"
+
+
+def test_preset_sets_defaults_and_flags_override_it():
+    quick = train.parse_config(["--preset", "quick"])
+    assert quick == configs.PRESETS["quick"]
+    assert (quick.c_regularizer, quick.prior_mean, quick.prior_sigma, quick.prior_weight) == ("logit_mog", 7, 1, 1)
+    assert quick.kl_c_weight == 0 and quick.router == "straight_through"
+    overridden = train.parse_config(["--latent-dim", "3", "--preset", "quick"])
+    assert overridden.latent_dim == 3 and overridden.num_components == quick.num_components
+
+
+def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--validate-only", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and str(out) in result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--prior-sigma", "0"], "--prior-sigma"),
+        (["--num-components", "0"], "--num-components"),
+        (["--batch-size", "100000"], "--batch-size"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--gumbel-temperature", "-1"], "--gumbel-temperature"),
+        (["--val-split", "1.5"], "--val-split"),
+    ],
+)
+def test_bad_values_exit_nonzero_with_a_message_naming_the_flag(args, flag, tmp_path):
+    result = run_cli(*args, "--out-dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert flag in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    assert train.main(["--out-dir", str(tmp_path), "--epochs", "1"]) == 2
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_a_short_run_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--out-dir", str(out), "--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2",
+                       "--num-components", "4", "--c-regularizer", "both"]) == 0
+    for name in ["config.json", "history.csv", "summary.json", "REPORT.md", "checkpoint.eqx", "checkpoint.json",
+                 "figures/loss_curves.png", "figures/routing.png", "figures/usage.png",
+                 "figures/reconstructions.png", "figures/samples.png", "figures/latent.png"]:
+        assert (out / name).is_file(), name
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for name in mixvae.METRICS:
+        assert name in rows[0] and f"val_{name}" in rows[0], name
+    summary = json.loads((out / "summary.json").read_text())
+    for name in mixvae.METRICS:
+        assert np.isfinite(summary["training"][f"final_{name}"]), name
+        assert f"final_val_{name}" in summary["training"]
+    assert summary["training"]["epochs_completed"] == 2 and summary["training"]["best_epoch"] in (1, 2)
+    assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
+    for name in ["cluster_accuracy", "nmi", "ari", "many_to_one_accuracy", "neg_elbo", "k_eff"]:
+        assert 0 <= summary["evaluation"][name] < np.inf, name
+    assert summary["dataset"]["name"] == "digits"
+    assert json.loads((out / "config.json").read_text())["c_regularizer"] == "both"
+    assert "kl_c_logit_mog" in (out / "REPORT.md").read_text()
+    restored = eqx.tree_deserialise_leaves(out / "checkpoint.eqx", train.build_model(
+        train.parse_config(["--hidden-dim", "16", "--latent-dim", "2", "--num-components", "4"]), 64,
+        jax.random.key(1)))
+    assert restored.decoders.network.layers[0].weight.shape[0] == 4
+
+
+def test_clustering_scores_against_hand_computed_values():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    channels = np.array([2, 2, 0, 0, 0, 1])  # channel 0 mixes labels 1 and 2
+    scores = train.clustering_scores(channels, labels, channels, labels)
+    assert scores["cluster_accuracy"] == pytest.approx(5 / 6)
+    assert scores["many_to_one_accuracy"] == pytest.approx(5 / 6)
+    relabelled = np.array([1, 1, 2, 2, 0, 0])
+    perfect = train.clustering_scores(relabelled, labels, relabelled, labels)
+    assert perfect["cluster_accuracy"] == perfect["nmi"] == perfect["ari"] == pytest.approx(1.0)

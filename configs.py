@@ -1,0 +1,147 @@
+"""Run configuration: one flat dataclass (tyro turns each field's docstring into `--help`),
+its validation, and the named presets.  Standard library only."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Train a mixture VAE whose channel c is regularised by a logit-space MoG prior."""
+
+    # --- run -------------------------------------------------------------------------
+    preset: Optional[Literal["quick", "categorical"]] = None
+    """Start from a named preset; flags given beside it override it. quick: the seed's quick
+    experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
+    categorical: the default run with the classic categorical KL instead of the logit-MoG prior."""
+    name: Optional[str] = None
+    """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
+    out_dir: Optional[str] = None
+    """Run directory; unset: runs/<timestamp>-<name>/. Must not exist, or be empty."""
+    validate_only: bool = False
+    """Validate the config, build the model and trace the loss; print the parameter count and
+    where the run would write; train nothing."""
+    seed: int = 0
+    """Seed of the data split, the initialisation, the shuffling and the noise."""
+
+    # --- data ------------------------------------------------------------------------
+    dataset: Literal["digits"] = "digits"
+    """Dataset. digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped, offline)."""
+    val_split: float = 0.1
+    """Fraction of the training images held out for validation, in (0, 1)."""
+
+    # --- model -----------------------------------------------------------------------
+    num_components: int = 10
+    """K, the number of channels (mixture components)."""
+    latent_dim: int = 4
+    """D, the size of each channel's latent z_k."""
+    latent_layout: Literal["decentralized", "shared"] = "decentralized"
+    """decentralized: one posterior q(z_k|x) per channel; shared: one q(z|x) for all channels."""
+    encoder: Literal["mlp", "conv"] = "mlp"
+    """Encoder trunk."""
+    decoder: Literal["mlp", "conv"] = "mlp"
+    """Decoder network (conv: transposed convolutions)."""
+    decoder_conditioning: Literal["concat", "film", "separate"] = "separate"
+    """How a decoder knows its channel: concat or film a learned embedding into one shared
+    decoder, or separate decoders (K weight sets, vmapped)."""
+    hidden_dim: int = 128
+    """Width of the MLP layers."""
+    likelihood: Literal["bernoulli", "gaussian", "heteroscedastic"] = "bernoulli"
+    """p(x | x_hat): bernoulli (logits), gaussian (fixed sigma 0.1), heteroscedastic (one
+    sigma per image, in [0.05, 1])."""
+
+    # --- routing ---------------------------------------------------------------------
+    router: Literal["softmax", "gumbel", "straight_through"] = "straight_through"
+    """How channel weights s are drawn from the logits: s = softmax(y), a Gumbel-softmax sample,
+    or its straight-through one-hot."""
+    gumbel_temperature: float = 1.0
+    """Initial Gumbel-softmax temperature tau (> 0)."""
+    gumbel_temperature_min: float = 0.5
+    """Final temperature, reached after the anneal (> 0, <= the initial temperature)."""
+    gumbel_temperature_anneal_epochs: int = 20
+    """Epochs of exponential temperature decay from the initial to the final value (0: none)."""
+
+    # --- objective -------------------------------------------------------------------
+    c_regularizer: Literal["categorical", "logit_mog", "both"] = "logit_mog"
+    """Regulariser of q(c|x): the categorical KL(r || pi), the logit-MoG prior, or both."""
+    kl_c_weight: float = 1.0
+    """w_cat, weight of KL(r || pi) (categorical and both)."""
+    kl_c_anneal_epochs: int = 10
+    """Epochs of linear warm-up a(e) = min(1, (e+1)/N) shared by both c-terms (0: none)."""
+    prior_mean: float = 7.0
+    """M, the logit-MoG component means M e_k; peakiness grows with M / sigma."""
+    prior_sigma: float = 1.0
+    """sigma, the logit-MoG component standard deviation (> 0)."""
+    prior_weight: float = 1.0
+    """lambda, weight of the logit-MoG penalty -log p_mix(y(x)) (logit_mog and both)."""
+    beta_z: float = 1.0
+    """beta_z, weight of KL(q(z|x) || N(0, I))."""
+    learnable_pi: bool = False
+    """Learn the mixture weights pi; off: pi is fixed uniform."""
+    dirichlet_alpha: Optional[float] = None
+    """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
+    dirichlet_weight: float = 1.0
+    """w_dir, weight of the Dirichlet MAP penalty."""
+    diversity_weight: float = -50.0
+    """w_div, weight of the usage entropy H(E_batch r); negative rewards diverse usage. Without
+    it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
+    bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
+
+    # --- optimisation ----------------------------------------------------------------
+    learning_rate: float = 2e-3
+    """AdamW learning rate (> 0)."""
+    batch_size: int = 128
+    """Training batch size (at most the training set size)."""
+    epochs: int = 150
+    """Maximum number of epochs."""
+    patience: int = 20
+    """Early stopping: epochs without a better validation loss, counted once both anneals are
+    done (0: never stop early). The best parameters are kept."""
+
+
+PRESETS: dict[str, Config] = {
+    "quick": Config(
+        preset="quick", c_regularizer="logit_mog", prior_mean=7.0, prior_sigma=1.0, prior_weight=1.0,
+        kl_c_weight=0.0, router="straight_through", num_components=20, latent_dim=2,
+    ),
+    "categorical": Config(preset="categorical", c_regularizer="categorical"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the flag."""
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def validate(config: Config) -> Config:
+    """Raise ConfigError naming the first bad value and what is allowed; return the config."""
+    c = config
+    checks = [
+        ("num_components", c.num_components >= 1, "an integer >= 1"),
+        ("latent_dim", c.latent_dim >= 1, "an integer >= 1"),
+        ("hidden_dim", c.hidden_dim >= 1, "an integer >= 1"),
+        ("val_split", 0.0 < c.val_split < 1.0, "a fraction in (0, 1)"),
+        ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
+        ("gumbel_temperature_min", 0 < c.gumbel_temperature_min <= c.gumbel_temperature,
+         f"in (0, --gumbel-temperature={c.gumbel_temperature}]"),
+        ("gumbel_temperature_anneal_epochs", c.gumbel_temperature_anneal_epochs >= 0, ">= 0"),
+        ("kl_c_anneal_epochs", c.kl_c_anneal_epochs >= 0, ">= 0"),
+        ("kl_c_weight", c.kl_c_weight >= 0, ">= 0"),
+        ("prior_sigma", c.prior_sigma > 0, "> 0"),
+        ("prior_weight", c.prior_weight >= 0, ">= 0"),
+        ("beta_z", c.beta_z >= 0, ">= 0"),
+        ("dirichlet_alpha", c.dirichlet_alpha is None or c.dirichlet_alpha > 0, "> 0 (or unset)"),
+        ("learning_rate", c.learning_rate > 0, "> 0"),
+        ("batch_size", c.batch_size >= 1, "an integer >= 1"),
+        ("epochs", c.epochs >= 1, "an integer >= 1"),
+        ("patience", c.patience >= 0, ">= 0"),
+    ]
+    for field, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{flag(field)}={getattr(c, field)!r} is not allowed: must be {allowed}")
+    return config
