@@ -89,6 +89,27 @@ class Config:
     it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
     bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
 
+    # --- channel curriculum ("pots") ------------------------------------------------
+    curriculum: bool = False
+    """Start with few open channels and unlock the next one whenever the validation loss
+    plateaus, so the run discovers how many channels the data needs."""
+    curriculum_start: int = 1
+    """Open channels at the start (1..K)."""
+    unlock_patience: int = 5
+    """Epochs without a relative improvement of --unlock-min-delta in the validation loss that
+    unlock the next channel. Unlocking stops at K, or when the last unlock did not improve the
+    loss within this window."""
+    unlock_min_delta: float = 0.002
+    """Relative improvement of the validation loss that counts (>= 0)."""
+    kick_epochs: int = 3
+    """Epochs after an unlock during which routing is softened (0: no kick)."""
+    kick_temperature: float = 2.0
+    """Router temperature during a kick, at least the scheduled one; straight-through is off."""
+    kick_logit_bias: float = 2.0
+    """Added to the new channel's routing logit during a kick."""
+    kick_prior_scale: float = 0.5
+    """Multiplies the logit-MoG term during a kick (>= 0)."""
+
     # --- optimisation ----------------------------------------------------------------
     learning_rate: float = 2e-3
     """AdamW learning rate (> 0)."""
@@ -97,8 +118,12 @@ class Config:
     epochs: int = 150
     """Maximum number of epochs."""
     patience: int = 20
-    """Early stopping: epochs without a better validation loss, counted once both anneals are
-    done (0: never stop early). The best parameters are kept."""
+    """Early stopping: epochs without a better monitored validation metric, counted once both
+    anneals are done (0: never stop early). The best parameters are kept."""
+    monitor: Literal["loss", "neg_elbo"] = "loss"
+    """Validation metric for early stopping, the best model and curriculum unlocks. With the
+    curriculum, loss rewards each opened channel through the usage entropy (w_div < 0) while
+    neg_elbo opens one only when the ELBO pays for it."""
 
 
 PRESETS: dict[str, Config] = {
@@ -140,6 +165,13 @@ def validate(config: Config) -> Config:
         ("batch_size", c.batch_size >= 1, "an integer >= 1"),
         ("epochs", c.epochs >= 1, "an integer >= 1"),
         ("patience", c.patience >= 0, ">= 0"),
+        ("curriculum_start", 1 <= c.curriculum_start <= c.num_components,
+         f"in [1, --num-components={c.num_components}]"),
+        ("unlock_patience", c.unlock_patience >= 1, "an integer >= 1"),
+        ("unlock_min_delta", c.unlock_min_delta >= 0, ">= 0"),
+        ("kick_epochs", c.kick_epochs >= 0, ">= 0"),
+        ("kick_temperature", c.kick_temperature > 0, "> 0"),
+        ("kick_prior_scale", c.kick_prior_scale >= 0, ">= 0"),
     ]
     for field, ok, allowed in checks:
         if not ok:

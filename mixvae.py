@@ -124,13 +124,14 @@ def mask_logits(logits, active_mask=None):
     return jnp.where(active_mask, logits, -jnp.inf)
 
 
-def route(logits, key, *, temperature, mode, active_mask=None) -> Routing:
+def route(logits, key, *, temperature, mode, active_mask=None, hard=True) -> Routing:
     """Responsibilities r = softmax(y') and selection weights s:
 
     softmax:          s = r
     gumbel:           s = softmax((y' + g) / tau),  g ~ Gumbel(0, 1)
     straight_through: s = onehot(argmax((y' + g) / tau)) in the forward pass,
-                      d s = d softmax((y' + g) / tau) in the backward pass.
+                      d s = d softmax((y' + g) / tau) in the backward pass;
+                      `hard` False (an array is fine) softens it to the gumbel sample.
 
     `key=None` (evaluation) draws no noise: g = 0.
     """
@@ -143,9 +144,10 @@ def route(logits, key, *, temperature, mode, active_mask=None) -> Routing:
     soft = jax.nn.softmax((masked + noise) / temperature, axis=-1)
     if mode == "gumbel":
         return Routing(soft, responsibilities)
-    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
-    # Parenthesised so the forward value is exactly `hard`: soft - soft == 0 in IEEE.
-    return Routing(hard + (soft - jax.lax.stop_gradient(soft)), responsibilities)
+    one_hot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    # Parenthesised so the forward value is exactly `one_hot`: soft - soft == 0 in IEEE.
+    straight_through = one_hot + (soft - jax.lax.stop_gradient(soft))
+    return Routing(jnp.where(hard, straight_through, soft), responsibilities)
 
 
 # --------------------------------------------------------------------------------------
@@ -448,12 +450,20 @@ class Objective:
         _check_choice("router", self.router, ROUTERS)
 
 
-class Schedule(eqx.Module):
-    """Per-epoch values, passed as arrays so that changing them never recompiles."""
+def _float32(value):
+    return jnp.asarray(value, jnp.float32)
 
-    kl_c_scale: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, jnp.float32))  # a(e)
-    temperature: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, jnp.float32))  # tau
+
+class Schedule(eqx.Module):
+    """Per-epoch values, passed as arrays so that changing them never recompiles.
+    The last three are the curriculum's kick; their defaults leave the objective as stated."""
+
+    kl_c_scale: jax.Array = eqx.field(converter=_float32)  # a(e)
+    temperature: jax.Array = eqx.field(converter=_float32)  # tau
     active_mask: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, bool))  # A, [K]
+    logit_bias: jax.Array = eqx.field(default=0.0, converter=_float32)  # added to the routing logits
+    prior_scale: jax.Array = eqx.field(default=1.0, converter=_float32)  # multiplies the logit-MoG term
+    straight_through: jax.Array = eqx.field(default=True, converter=lambda v: jnp.asarray(v, bool))
 
 
 class Terms(NamedTuple):
@@ -467,12 +477,13 @@ class Terms(NamedTuple):
 
 
 def forward(model: MixVAE, x, key, sched: Schedule, router: str) -> Terms:
-    """Encode, route, sample z_k = mu_k + sigma_k eps (mu_k when key is None), decode every channel."""
+    """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
+    key is None), decode every channel."""
     chex.assert_rank(x, 2)
     logits, mean, log_var = jax.vmap(model.encoder)(x)
     route_key, noise_key = (None, None) if key is None else jax.random.split(key)
-    routing = route(logits, route_key, temperature=sched.temperature, mode=router,
-                    active_mask=sched.active_mask)
+    routing = route(logits + sched.logit_bias, route_key, temperature=sched.temperature, mode=router,
+                    active_mask=sched.active_mask, hard=sched.straight_through)
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
@@ -493,7 +504,9 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         + a lambda (-log p_mix(y(x)))          (logit_mog, both)
         + w_dir (-(alpha - 1) sum_k log pi_k)  (alpha set)
         + w_div H(mean_batch r)
-    KL_z sums over the active channels (decentralized) or is the one shared KL.
+    KL_z sums over the active channels (decentralized) or is the one shared KL. The logit-MoG
+    term is scaled by the schedule's prior_scale, and is zero while |A| = 1: with one open
+    channel there is nothing to choose, and the term would only push that one logit up.
     """
     mask = sched.active_mask
     pi = mixture_weights(model, mask)
@@ -507,8 +520,9 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
     kl_c_term = sched.kl_c_scale * objective.kl_c_weight * kl_c if uses_categorical else 0.0
     neg_log_prior = -logit_mog_log_prior(terms.logits, mean=objective.prior_mean,
                                          sigma=objective.prior_sigma, active_mask=mask)
-    logit_mog_term = (sched.kl_c_scale * objective.prior_weight * jnp.mean(neg_log_prior)
-                      if uses_logit_mog else jnp.zeros(()))
+    k_active = jnp.sum(mask).astype(jnp.float32)
+    logit_mog_scale = sched.kl_c_scale * objective.prior_weight * sched.prior_scale * (k_active > 1)
+    logit_mog_term = logit_mog_scale * jnp.mean(neg_log_prior) if uses_logit_mog else jnp.zeros(())
     dirichlet_term = (objective.dirichlet_weight * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
                       if objective.dirichlet_alpha is not None else jnp.zeros(()))
     usage = jnp.mean(r, axis=0)
@@ -535,7 +549,7 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         "neg_elbo": neg_elbo,
         "kl_c_scale": sched.kl_c_scale,
         "gumbel_temperature": sched.temperature,
-        "k_active": jnp.sum(mask).astype(jnp.float32),
+        "k_active": k_active,
         "usage": usage,
     }
     return loss, metrics
@@ -546,7 +560,7 @@ METRICS = {
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
-    "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L",
+    "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L (0 while |A| = 1)",
     "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
     "component_diversity": "H(E_batch r), usage entropy",
     "component_entropy": "E[H(r)], per-example routing entropy",

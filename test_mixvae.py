@@ -176,6 +176,9 @@ def test_masked_channels_get_exactly_zero_weight_in_every_mode(mode):
 
 
 def test_straight_through_is_one_hot_forward_and_soft_backward():
+    soft_when_not_hard = mixvae.route(LOGITS, jax.random.key(3), temperature=0.7, mode="straight_through", hard=False)
+    np.testing.assert_array_equal(soft_when_not_hard.weights,
+                                  mixvae.route(LOGITS, jax.random.key(3), temperature=0.7, mode="gumbel").weights)
     key = jax.random.key(3)
     routing = mixvae.route(LOGITS, key, temperature=0.7, mode="straight_through")
     weights = np.asarray(routing.weights)
@@ -419,3 +422,70 @@ def test_clustering_scores_against_hand_computed_values():
     relabelled = np.array([1, 1, 2, 2, 0, 0])
     perfect = train.clustering_scores(relabelled, labels, relabelled, labels)
     assert perfect["cluster_accuracy"] == perfect["nmi"] == perfect["ari"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Curriculum
+# --------------------------------------------------------------------------------------
+
+
+def scripted(losses, **kwargs):
+    """Feed a fake validation-loss sequence; return (unlock epochs, kick flags per epoch, k_active per epoch)."""
+    curriculum = train.Curriculum(**({"num_components": 4, "k_active": 1, "patience": 2, "min_delta": 0.0,
+                                      "kick_epochs": 2} | kwargs))
+    kicks, k_active = [], []
+    for epoch, loss in enumerate(losses, start=1):
+        kicks.append(curriculum.kick_left > 0)
+        k_active.append(curriculum.k_active)
+        curriculum.update(epoch, loss)
+    return curriculum.unlock_epochs, kicks, k_active
+
+
+def test_curriculum_unlocks_on_each_plateau_and_kicks_for_exactly_kick_epochs():
+    #         1   2   3  | 4   5   6  | 7   8   9   10 | 11  12
+    losses = [10, 9, 9, 9, 8, 7, 7, 7, 6, 6, 6, 6]
+    unlocks, kicks, k_active = scripted(losses)
+    assert unlocks == [4, 8, 11]  # two epochs without improvement after the bests at epochs 2, 6 and 9
+    assert k_active == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4]
+    assert kicks == [False] * 4 + [True, True] + [False] * 2 + [True, True] + [False, True]
+
+
+def test_curriculum_stops_when_an_unlock_did_not_help_and_at_k():
+    unlocks, _, k_active = scripted([10, 9, 9, 9, 9.5, 9.2, 9.1, 9.3, 9.0, 9.0, 9.0])
+    assert unlocks == [4] and k_active[-1] == 2  # the plateau after the unlock is no better than 9
+    unlocks, _, k_active = scripted(list(range(20, 0, -2)) + [1] * 12, num_components=2, kick_epochs=0)
+    assert len(unlocks) == 1 and k_active[-1] == 2  # never beyond K
+    unlocks, _, _ = scripted([10, 9.99, 9.98, 9.97, 9.96], min_delta=0.01)
+    assert unlocks == [3]  # relative improvements below min_delta do not count
+
+
+def test_curriculum_run_opens_channels_with_kicks_in_the_compiled_step(tmp_path):
+    out = tmp_path / "run"
+    before = eqx.debug.get_num_traces(mixvae.train_epoch)
+    # min-delta 100: nothing after epoch 1 counts as an improvement, so the plateau rule unlocks
+    # at the end of epoch 1 + unlock-patience, and then stops (the unlock did not help).
+    assert train.main(["--out-dir", str(out), "--curriculum", "--unlock-patience", "2", "--unlock-min-delta",
+                       "100", "--kick-epochs", "2", "--epochs", "7", "--patience", "0", "--hidden-dim", "16",
+                       "--num-components", "3", "--kl-c-anneal-epochs", "0"]) == 0
+    assert eqx.debug.get_num_traces(mixvae.train_epoch) - before == 1  # unlocks and kicks never recompile
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    column = lambda name: [float(row[name]) for row in rows]
+    assert column("unlocked") == [0, 0, 1, 0, 0, 0, 0]
+    assert column("kick_active") == [0, 0, 0, 1, 1, 0, 0]
+    assert column("k_active") == [1, 1, 1, 2, 2, 2, 2]
+    assert column("kl_c_logit_mog")[:3] == [0.0, 0.0, 0.0] and column("kl_c_logit_mog")[5] > 0
+    assert all(u == 0.0 for u in column("usage_1")[:3] + column("usage_2"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["curriculum"]["unlock_count"] == 1 and summary["curriculum"]["unlock_epochs"] == [3]
+    assert (out / "figures" / "curriculum.png").is_file() and "## Curriculum" in (out / "REPORT.md").read_text()
+
+
+def test_kick_schedule_softens_routing_and_biases_the_new_channel():
+    config = configs.Config(num_components=4, kick_temperature=3.0, kick_logit_bias=2.5, kick_prior_scale=0.25)
+    kick = train.schedule(config, 0, k_active=2, kick=True)
+    np.testing.assert_array_equal(kick.active_mask, [True, True, False, False])
+    np.testing.assert_array_equal(kick.logit_bias, [0.0, 2.5, 0.0, 0.0])
+    assert float(kick.temperature) == 3.0 and float(kick.prior_scale) == 0.25 and not bool(kick.straight_through)
+    calm = train.schedule(config, 0, k_active=2)
+    assert float(calm.prior_scale) == 1.0 and bool(calm.straight_through) and not np.any(calm.logit_bias)

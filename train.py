@@ -129,9 +129,73 @@ def temperature(config: Config, epoch: int) -> float:
     return config.gumbel_temperature * (config.gumbel_temperature_min / config.gumbel_temperature) ** progress
 
 
-def schedule(config: Config, epoch: int):
-    return mixvae.Schedule(kl_c_scale=kl_c_scale(config, epoch), temperature=temperature(config, epoch),
-                           active_mask=np.ones(config.num_components, bool))
+@dataclasses.dataclass
+class Curriculum:
+    """Plateau-driven channel unlocking ("pots"). Call `update` once per epoch with the monitored
+    validation loss; a channel opens when it has not improved (relatively, by min_delta) for
+    `patience` epochs, and each unlock starts a kick of `kick_epochs` epochs. Unlocking stops at
+    K, or when the plateau after an unlock is no better than the plateau before it."""
+
+    num_components: int
+    k_active: int
+    patience: int
+    min_delta: float
+    kick_epochs: int
+    best: float = float("inf")
+    since_best: int = 0
+    kick_left: int = 0
+    best_before_unlock: float | None = None
+    unlock_epochs: list[int] = dataclasses.field(default_factory=list)
+    unlocking: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Curriculum | None":
+        if not config.curriculum:
+            return None
+        return cls(config.num_components, config.curriculum_start, config.unlock_patience,
+                   config.unlock_min_delta, config.kick_epochs)
+
+    def improves_on(self, loss: float, reference: float) -> bool:
+        return reference == float("inf") or loss < reference - self.min_delta * abs(reference)
+
+    def update(self, epoch: int, monitored: float) -> bool:
+        """Record epoch `epoch` (1-based); return True when a channel opens for the next epoch."""
+        self.kick_left = max(0, self.kick_left - 1)
+        if self.improves_on(monitored, self.best):
+            self.best, self.since_best = monitored, 0
+        else:
+            self.since_best += 1
+        if not self.unlocking or self.since_best < self.patience:
+            return False
+        if self.k_active >= self.num_components or (
+                self.best_before_unlock is not None and not self.improves_on(self.best, self.best_before_unlock)):
+            self.unlocking = False
+            return False
+        self.best_before_unlock = self.best
+        self.k_active += 1
+        self.since_best = 0
+        self.kick_left = self.kick_epochs
+        self.unlock_epochs.append(epoch)
+        return True
+
+
+def schedule(config: Config, epoch: int, k_active: int | None = None, kick: bool = False):
+    """The epoch's annealed values; the first `k_active` channels open (all by default); during
+    a kick, softened routing, the newest channel's logit bias and a scaled logit-MoG term."""
+    num_components = config.num_components
+    k_active = num_components if k_active is None else k_active
+    logit_bias = np.zeros(num_components, np.float32)
+    if kick:
+        logit_bias[k_active - 1] = config.kick_logit_bias
+    tau = temperature(config, epoch)
+    return mixvae.Schedule(
+        kl_c_scale=kl_c_scale(config, epoch),
+        temperature=max(tau, config.kick_temperature) if kick else tau,
+        active_mask=np.arange(num_components) < k_active,
+        logit_bias=logit_bias,
+        prior_scale=config.kick_prior_scale if kick else 1.0,
+        straight_through=not kick,
+    )
 
 
 def anneals_done(config: Config, epoch: int) -> bool:
@@ -153,12 +217,15 @@ class TrainResult(NamedTuple):
     model: object
     history: list[dict]
     best_epoch: int
+    best_k_active: int
     training_time: float
     compile_time: float
+    curriculum: Curriculum | None
 
 
 def train(config: Config, data: Dataset, model, key) -> TrainResult:
-    """Epochs of one compiled call each; early stopping on the validation loss, best model kept."""
+    """Epochs of one compiled call each; early stopping on the monitored validation metric, best
+    model kept; the curriculum, when on, opens channels between epochs."""
     objective = build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
     opt_state = mixvae.init_optimizer(optimizer, model)
@@ -167,40 +234,52 @@ def train(config: Config, data: Dataset, model, key) -> TrainResult:
     rng = np.random.default_rng(config.seed)
     steps = len(data.train.images) // config.batch_size
     history, epoch_times = [], []
-    best = (np.inf, -1, model)  # (val loss, epoch, model)
+    best = (np.inf, -1, model, config.num_components)  # (val loss, epoch, model, k_active)
     since_best = 0
+    curriculum = Curriculum.from_config(config)
     start = time.perf_counter()
     bar = tqdm(range(config.epochs), desc="epochs", unit="epoch", leave=False, disable=None)
     for epoch in bar:
         tick = time.perf_counter()
-        sched = schedule(config, epoch)
+        k_active = config.num_components if curriculum is None else curriculum.k_active
+        kick_active = curriculum is not None and curriculum.kick_left > 0
+        sched = schedule(config, epoch, k_active, kick_active)
         batches = rng.permutation(len(data.train.images))[: steps * config.batch_size]
         key, epoch_key = jax.random.split(key)
         model, opt_state, step_metrics = mixvae.train_epoch(
             model, opt_state, train_images, batches.reshape(steps, config.batch_size), epoch_key,
             sched, objective, optimizer)
-        train_metrics = to_floats(mixvae.summarize(step_metrics))
+        epoch_metrics = mixvae.summarize(step_metrics)
+        train_metrics = to_floats(epoch_metrics)
         val_metrics = to_floats(mixvae.evaluate(model, val_images, sched, objective)[0])
         epoch_times.append(time.perf_counter() - tick)
-        history.append({"epoch": epoch + 1, **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        monitored = val_metrics[config.monitor]
+        unlocked = curriculum is not None and curriculum.update(epoch + 1, monitored)
+        history.append({"epoch": epoch + 1, **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()},
+                        "unlocked": int(unlocked), "kick_active": int(kick_active),
+                        **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"])}})
         if not np.isfinite(train_metrics["loss"]):
             raise FloatingPointError(f"the training loss became {train_metrics['loss']} at epoch {epoch + 1}")
-        if anneals_done(config, epoch) and val_metrics["loss"] < best[0]:
-            best, since_best = (val_metrics["loss"], epoch, model), 0
+        if anneals_done(config, epoch) and monitored < best[0]:
+            best, since_best = (monitored, epoch, model, k_active), 0
         elif anneals_done(config, epoch):
             since_best += 1
+        if unlocked:
+            since_best = 0  # early stopping restarts at each unlock
         tqdm.write(
             f"epoch {epoch + 1:3d}/{config.epochs}  loss {train_metrics['loss']:9.3f}  "
             f"val_loss {val_metrics['loss']:9.3f}  val_conf {val_metrics['responsibility_confidence']:.3f}  "
-            f"val_k_eff {val_metrics['k_eff']:5.2f}  {epoch_times[-1]:6.2f}s")
+            f"val_k_eff {val_metrics['k_eff']:5.2f}  {epoch_times[-1]:6.2f}s"
+            + (f"  k_active {int(train_metrics['k_active'])}" if curriculum else "")
+            + ("  -> unlock" if unlocked else ""))
         if config.patience and since_best >= config.patience:
-            tqdm.write(f"early stop: no better validation loss for {config.patience} epochs")
+            tqdm.write(f"early stop: no better val_{config.monitor} for {config.patience} epochs")
             break
     bar.close()
-    _, best_epoch, best_model = best if best[1] >= 0 else (None, len(history) - 1, model)
+    _, best_epoch, best_model, best_k_active = best if best[1] >= 0 else (None, len(history) - 1, model, k_active)
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else 0.0
-    return TrainResult(best_model, history, best_epoch + 1, time.perf_counter() - start,
-                       max(0.0, epoch_times[0] - steady))
+    return TrainResult(best_model, history, best_epoch + 1, best_k_active, time.perf_counter() - start,
+                       max(0.0, epoch_times[0] - steady), curriculum)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,17 +303,17 @@ def clustering_scores(channels, labels, train_channels, train_labels) -> dict[st
     }
 
 
-def evaluate_split(model, config: Config, images):
-    metrics, terms = mixvae.evaluate(model, jax.device_put(images), schedule(config, config.epochs),
+def evaluate_split(model, config: Config, images, k_active: int):
+    metrics, terms = mixvae.evaluate(model, jax.device_put(images), schedule(config, config.epochs, k_active),
                                      build_objective(config))
     return metrics, np.asarray(terms.responsibilities)
 
 
-def evaluation(model, config: Config, data: Dataset):
+def evaluation(model, config: Config, data: Dataset, k_active: int):
     """Test-split metrics (ELBO terms, routing statistics, clustering scores) and the test
     responsibilities and usage, for the figures."""
-    metrics, responsibilities = evaluate_split(model, config, data.test.images)
-    _, train_responsibilities = evaluate_split(model, config, data.train.images)
+    metrics, responsibilities = evaluate_split(model, config, data.test.images, k_active)
+    _, train_responsibilities = evaluate_split(model, config, data.train.images, k_active)
     channels = responsibilities.argmax(-1)
     scores = clustering_scores(channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels)
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
@@ -297,7 +376,8 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 def summary_of(config, data, result: TrainResult, evaluation_metrics) -> dict:
     last = result.history[-1]
-    training = {f"final_{name}": value for name, value in last.items() if name != "epoch"}
+    training = {f"final_{prefix}{name}": last[f"{prefix}{name}"] for prefix in ("", "val_") for name in mixvae.METRICS}
+    curriculum = result.curriculum
     return {
         "training": {
             **training,
@@ -311,6 +391,9 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics) -> dict:
             "test_samples": len(data.test.images), "input_dim": int(data.train.images.shape[1]),
         },
         "evaluation": evaluation_metrics,
+        **({} if curriculum is None else {"curriculum": {
+            "unlock_count": len(curriculum.unlock_epochs), "final_k_active": curriculum.k_active,
+            "unlock_epochs": curriculum.unlock_epochs, "best_model_k_active": result.best_k_active}}),
     }
 
 
@@ -319,15 +402,43 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def plot_figures(fig_dir: Path, config: Config, data: Dataset, model, history, responsibilities, usage, key):
+def plot_curriculum(history, curriculum: Curriculum, num_components: int, save) -> None:
+    """k_active over epochs with unlocks marked and kicks shaded; per-channel usage over epochs
+    with closed channels greyed out."""
+    epochs = np.array([row["epoch"] for row in history])
+    k_active = np.array([row["k_active"] for row in history])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    top.step(epochs, k_active, where="mid", color="k", label="open channels")
+    for row in history:
+        if row["kick_active"]:
+            top.axvspan(row["epoch"] - 0.5, row["epoch"] + 0.5, color="orange", alpha=0.3, lw=0)
+    for epoch in curriculum.unlock_epochs:
+        top.axvline(epoch + 0.5, color="tab:red", ls="--", lw=1)
+    top.set_ylabel("k_active")
+    top.set_title("curriculum: unlocks (dashed), kicks (shaded)")
+    usage = np.array([[row[f"usage_{k}"] for k in range(num_components)] for row in history])
+    closed = np.arange(num_components)[None, :] >= k_active[:, None]
+    image = bottom.imshow(np.ma.masked_where(closed, usage).T, aspect="auto", origin="lower", cmap="viridis",
+                          extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, num_components - 0.5))
+    bottom.set_facecolor("0.85")
+    bottom.set_xlabel("epoch")
+    bottom.set_ylabel("channel (grey: closed)")
+    fig.colorbar(image, ax=[top, bottom], label="training usage E_x r", shrink=0.5)
+    save(fig, "curriculum.png", "Open channels over epochs (unlocks dashed, kicks shaded) and per-channel usage",
+         tight=False)
+
+
+def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResult, responsibilities, usage, key):
     """Write the PNG figures; returns {file name: caption}."""
+    model, history, curriculum = result.model, result.history, result.curriculum
     matplotlib.use("Agg")
 
     figures = {}
     epochs = [row["epoch"] for row in history]
 
-    def save(fig, name, caption):
-        fig.tight_layout()
+    def save(fig, name, caption, tight=True):
+        if tight:
+            fig.tight_layout()
         fig.savefig(fig_dir / name, dpi=110)
         plt.close(fig)
         figures[name] = caption
@@ -359,25 +470,30 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, model, history, r
     ax.set_xticks(np.arange(num_components))
     save(fig, "usage.png", "Channel usage on the test split")
 
+    if curriculum is not None:
+        plot_curriculum(history, curriculum, num_components, save)
+
     side = data.image_side
     num_pixels = side * side
-    images = mixvae.to_unit_interval(jnp.asarray(data.test.images))
-    terms = mixvae.forward(model, images, None, schedule(config, config.epochs), config.router)
-    channels = np.asarray(terms.responsibilities.argmax(-1))
-    _, mean, _ = jax.vmap(model.encoder)(images)
-    if config.latent_layout == "shared":
-        mean = jnp.broadcast_to(mean[:, None], (len(images), num_components, mean.shape[-1]))
-    decoded = np.asarray(mixvae.decoded_mean(jax.vmap(model.decoders)(mean), num_pixels))
     columns = 8
+    channels = responsibilities.argmax(-1)
+    shown = [np.flatnonzero(channels == k)[:columns] for k in range(num_components)]
+    rows = np.concatenate(shown)  # only the images on the grid are decoded
+    images = np.asarray(mixvae.to_unit_interval(jnp.asarray(data.test.images[rows])))
+    _, mean, _ = jax.vmap(model.encoder)(jnp.asarray(images))
+    if config.latent_layout == "shared":
+        mean = jnp.broadcast_to(mean[:, None], (len(rows), num_components, mean.shape[-1]))
+    decoded = np.asarray(mixvae.decoded_mean(jax.vmap(model.decoders)(mean), num_pixels))
     fig, axes = plt.subplots(num_components, 2 * columns, figsize=(2 * columns * 0.6, num_components * 0.65))
-    for k in range(num_components):
-        members = np.flatnonzero(channels == k)[:columns]
+    start = 0
+    for k, members in enumerate(shown):
         for j in range(columns):
-            for offset, picture in ((0, np.asarray(images)), (columns, decoded[:, k])):
+            for offset, picture in ((0, images), (columns, decoded[:, k])):
                 ax = axes[k, j + offset]
                 ax.axis("off")
                 if j < len(members):
-                    ax.imshow(picture[members[j]].reshape(side, side), cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(picture[start + j].reshape(side, side), cmap="gray", vmin=0, vmax=1)
+        start += len(members)
         axes[k, 0].set_title(f"{k}", fontsize=7, loc="left")
     fig.suptitle("test images routed to each channel (left) and channel k's reconstruction (right)", fontsize=8)
     save(fig, "reconstructions.png", "One row per channel: test images routed to it, then its reconstructions")
@@ -392,7 +508,9 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, model, history, r
     save(fig, "samples.png", "One row per channel: decoder means at z ~ N(0, I)")
 
     if config.latent_dim == 2:
-        routed_mean = np.asarray(mean)[np.arange(len(channels)), channels]
+        images = mixvae.to_unit_interval(jnp.asarray(data.test.images))
+        _, mean, _ = jax.vmap(model.encoder)(images)
+        routed_mean = np.asarray(mean if mean.ndim == 2 else mean[np.arange(len(channels)), channels])
         fig, ax = plt.subplots(figsize=(5, 4.5))
         scatter = ax.scatter(routed_mean[:, 0], routed_mean[:, 1], c=channels, cmap="tab20", s=6)
         fig.colorbar(scatter, ax=ax, label="channel")
@@ -423,6 +541,13 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
     lines += ["", "## Evaluation (test split, best model, no noise)", "", "| metric | value |", "|---|---|"]
     lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
               for k, v in summary["evaluation"].items()]
+    if "curriculum" in summary:
+        c = summary["curriculum"]
+        lines += ["", "## Curriculum", "",
+                  f"Started with {config.curriculum_start} open channel(s); {c['unlock_count']} unlock(s) at the end "
+                  f"of epoch(s) {c['unlock_epochs'] or 'none'}; {c['final_k_active']} of {config.num_components} open "
+                  f"at the end; the best model (evaluated above) had {c['best_model_k_active']} open. "
+                  "See `curriculum.png`: unlocks dashed, kick windows shaded, closed channels grey."]
     lines += ["", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{name}](figures/{name})\n" for name, caption in figures.items()]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
@@ -460,11 +585,10 @@ def run(config: Config) -> Path:
     result = train(config, data, model, train_key)
     write_history(run_dir / "history.csv", result.history)
     save_checkpoint(run_dir, result.model, config, result.best_epoch)
-    evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data)
+    evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active)
     summary = summary_of(config, data, result, evaluation_metrics)
     write_json(run_dir / "summary.json", summary)
-    figures = plot_figures(run_dir / "figures", config, data, result.model, result.history, responsibilities,
-                           usage, figure_key)
+    figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
     write_report(run_dir, config, summary, figures)
     ev = evaluation_metrics
     print(f"test: cluster_accuracy {ev['cluster_accuracy']:.3f}  nmi {ev['nmi']:.3f}  ari {ev['ari']:.3f}  "
