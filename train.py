@@ -443,24 +443,20 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
         plt.close(fig)
         figures[name] = caption
 
-    curves = ["loss", "reconstruction_loss", "kl_z", "kl_c", "kl_c_logit_mog"]
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
-    for ax, name in zip(axes, curves):
-        ax.plot(epochs, [row[name] for row in history], label="train")
-        ax.plot(epochs, [row[f"val_{name}"] for row in history], label="val")
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-    axes[0].legend()
-    save(fig, "loss_curves.png", "Loss and each term, train vs validation")
+    def train_vs_val(metrics, name, caption):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+        for ax, metric in zip(axes, metrics):
+            ax.plot(epochs, [row[metric] for row in history], label="train")
+            ax.plot(epochs, [row[f"val_{metric}"] for row in history], label="val")
+            ax.set_title(metric)
+            ax.set_xlabel("epoch")
+        axes[0].legend()
+        save(fig, name, caption)
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, name in zip(axes, ["responsibility_confidence", "component_entropy", "k_eff"]):
-        ax.plot(epochs, [row[name] for row in history], label="train")
-        ax.plot(epochs, [row[f"val_{name}"] for row in history], label="val")
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-    axes[0].legend()
-    save(fig, "routing.png", "Routing peakiness over training: E[max r], E[H(r)], k_eff")
+    train_vs_val(["loss", "reconstruction_loss", "kl_z", "kl_c", "kl_c_logit_mog"], "loss_curves.png",
+                 "Loss and each term, train vs validation")
+    train_vs_val(["responsibility_confidence", "component_entropy", "k_eff"], "routing.png",
+                 "Routing peakiness over training: E[max r], E[H(r)], k_eff")
 
     num_components = config.num_components
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * num_components), 3))
