@@ -118,9 +118,10 @@ class Routing(NamedTuple):
 
 
 def mask_logits(logits, active_mask=None):
-    """y'_k = y_k if k in A else -inf."""
+    """y'_k = y_k if k in A else -inf.  logits: [..., K], active_mask: [K]."""
     if active_mask is None:
         return logits
+    chex.assert_shape(active_mask, logits.shape[-1:])
     return jnp.where(active_mask, logits, -jnp.inf)
 
 
@@ -135,7 +136,6 @@ def route(logits, key, *, temperature, mode, active_mask=None, hard=True) -> Rou
 
     `key=None` (evaluation) draws no noise: g = 0.
     """
-    chex.assert_rank(logits, {1, 2})
     masked = mask_logits(logits, active_mask)
     responsibilities = jax.nn.softmax(masked, axis=-1)
     if mode == "softmax":
@@ -359,12 +359,12 @@ def logit_mog_log_prior(logits, *, mean, sigma, active_mask=None):
     The logit-MoG penalty is the negative of this.  logits: [..., K] -> [...].
     """
     num_components = logits.shape[-1]
-    chex.assert_rank(logits, {1, 2})
     centres = mean * jnp.eye(num_components, dtype=logits.dtype)  # row k = M e_k
     sq_dist = jnp.sum(jnp.square(logits[..., None, :] - centres), axis=-1)  # [..., K]
     log_normal = -0.5 * num_components * jnp.log(2 * jnp.pi * sigma**2) - sq_dist / (2 * sigma**2)
     if active_mask is None:
         active_mask = jnp.ones(num_components, bool)
+    chex.assert_shape(active_mask, (num_components,))
     log_num_active = jnp.log(jnp.sum(active_mask).astype(logits.dtype))
     return jax.nn.logsumexp(jnp.where(active_mask, log_normal, -jnp.inf), axis=-1) - log_num_active
 

@@ -63,6 +63,21 @@ def test_logit_mog_log_prior_matches_scipy(num_components, mean, sigma, masked):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
+def test_loss_terms_take_any_leading_batch_shape():
+    y = jax.random.normal(jax.random.key(0), (2, 3, 4)) * 5
+    mask = jnp.array([True, False, True, True])
+    prior = mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0, active_mask=mask)
+    assert prior.shape == (2, 3)
+    np.testing.assert_allclose(prior.reshape(-1), reference_log_prior(np.asarray(y, float).reshape(6, 4), 7.0, 1.0,
+                                                                      np.asarray(mask)), rtol=1e-5)
+    routing = mixvae.route(y, jax.random.key(1), temperature=0.5, mode="straight_through", active_mask=mask)
+    assert routing.weights.shape == (2, 3, 4) and np.all(np.asarray(routing.weights)[..., 1] == 0)
+    r = routing.responsibilities
+    assert mixvae.categorical_kl(r, jnp.full(4, 0.25), mask).shape == (2, 3)
+    with pytest.raises(AssertionError):
+        mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0, active_mask=mask[:3])
+
+
 def test_logit_mog_masked_channels_leave_the_distances_but_not_the_sum():
     """Masking removes components from the sum only: the distance of every component still
     uses all K raw logits, including the masked channels' (never -inf)."""
