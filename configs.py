@@ -49,6 +49,9 @@ class Config:
     decoder, or separate decoders (K weight sets, vmapped)."""
     hidden_dim: int = 128
     """Width of the MLP layers."""
+    logit_init_scale: float = 10.0
+    """Multiplier of the channel-logit head's initial weights (> 0): large enough that the first
+    routing already depends on the input, so the channels specialise instead of collapsing."""
     likelihood: Literal["bernoulli", "gaussian", "heteroscedastic"] = "bernoulli"
     """p(x | x_hat): bernoulli (logits), gaussian (fixed sigma 0.1), heteroscedastic (one
     sigma per image, in [0.05, 1])."""
@@ -73,7 +76,7 @@ class Config:
     """Epochs of linear warm-up a(e) = min(1, (e+1)/N) shared by both c-terms (0: none)."""
     prior_mean: float = 7.0
     """M, the logit-MoG component means M e_k; peakiness grows with M / sigma."""
-    prior_sigma: float = 1.0
+    prior_sigma: float = 0.7
     """sigma, the logit-MoG component standard deviation (> 0)."""
     prior_weight: float = 1.0
     """lambda, weight of the logit-MoG penalty -log p_mix(y(x)) (logit_mog and both)."""
@@ -151,6 +154,7 @@ def validate(config: Config) -> Config:
         ("num_components", c.num_components >= 1, "an integer >= 1"),
         ("latent_dim", c.latent_dim >= 1, "an integer >= 1"),
         ("hidden_dim", c.hidden_dim >= 1, "an integer >= 1"),
+        ("logit_init_scale", c.logit_init_scale > 0, "> 0"),
         ("val_split", 0.0 < c.val_split < 1.0, "a fraction in (0, 1)"),
         ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
         ("gumbel_temperature_min", 0 < c.gumbel_temperature_min <= c.gumbel_temperature,

@@ -78,6 +78,12 @@ class Encoder(eqx.Module):
 
     `decentralized`: one posterior per channel, mu and log-variance of shape [K, D].
     `shared`: one posterior for all channels, shape [D].
+
+    The logits head's initial weights are multiplied by `logit_init_scale`, so that routing
+    starts as a random but input-consistent partition (k-means' random start). With the usual
+    small init, y(x) is nearly the same for every x, a Gumbel router sends images to channels
+    at random at every step, no decoder specialises, and training can settle where the logits
+    ignore the input.
     """
 
     trunk: eqx.Module
@@ -85,7 +91,7 @@ class Encoder(eqx.Module):
     posterior_head: eqx.nn.Linear
     posterior_shape: tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, input_dim, num_components, latent_dim, *, layout, kind, width, key):
+    def __init__(self, input_dim, num_components, latent_dim, *, layout, kind, width, logit_init_scale, key):
         k_trunk, k_logits, k_post = jax.random.split(key, 3)
         if kind == "mlp":
             self.trunk = eqx.nn.MLP(
@@ -97,7 +103,9 @@ class Encoder(eqx.Module):
         self.posterior_shape = (
             (num_components, latent_dim) if layout == "decentralized" else (latent_dim,)
         )
-        self.logits_head = eqx.nn.Linear(width, num_components, key=k_logits)
+        logits_head = eqx.nn.Linear(width, num_components, key=k_logits)
+        self.logits_head = eqx.tree_at(lambda head: head.weight, logits_head,
+                                       logit_init_scale * logits_head.weight)
         self.posterior_head = eqx.nn.Linear(width, 2 * math.prod(self.posterior_shape), key=k_post)
 
     def __call__(self, x):
@@ -303,7 +311,7 @@ class MixVAE(eqx.Module):
 
     def __init__(self, key, *, input_dim, num_components, latent_dim, latent_layout="decentralized",
                  encoder="mlp", decoder="mlp", conditioning="concat", likelihood="bernoulli",
-                 width=256, embed_dim=16, learnable_pi=False, observation_sigma=0.1,
+                 width=256, embed_dim=16, logit_init_scale=10.0, learnable_pi=False, observation_sigma=0.1,
                  sigma_min=0.05, sigma_max=1.0):
         for name, value, allowed in [
             ("latent_layout", latent_layout, LATENT_LAYOUTS), ("encoder", encoder, ENCODERS),
@@ -312,8 +320,8 @@ class MixVAE(eqx.Module):
         ]:
             _check_choice(name, value, allowed)
         k_enc, k_dec = jax.random.split(key)
-        self.encoder = Encoder(input_dim, num_components, latent_dim, layout=latent_layout,
-                               kind=encoder, width=width, key=k_enc)
+        self.encoder = Encoder(input_dim, num_components, latent_dim, layout=latent_layout, kind=encoder,
+                               width=width, logit_init_scale=logit_init_scale, key=k_enc)
         self.decoders = ChannelDecoders(
             num_components, latent_dim, input_dim, int(likelihood == "heteroscedastic"),
             kind=decoder, conditioning=conditioning, width=width, embed_dim=embed_dim, key=k_dec,

@@ -101,7 +101,7 @@ def build_model(config: Config, input_dim: int, key):
         key, input_dim=input_dim, num_components=config.num_components, latent_dim=config.latent_dim,
         latent_layout=config.latent_layout, encoder=config.encoder, decoder=config.decoder,
         conditioning=config.decoder_conditioning, likelihood=config.likelihood,
-        width=config.hidden_dim, learnable_pi=config.learnable_pi,
+        width=config.hidden_dim, logit_init_scale=config.logit_init_scale, learnable_pi=config.learnable_pi,
     )
 
 
