@@ -15,8 +15,9 @@ class Config:
     preset: Optional[Literal["quick", "categorical"]] = None
     """Start from a named preset; flags given beside it override it. quick: the seed's quick
     experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
-    categorical: the default run with the classic categorical KL(r || pi) instead of the logit-MoG
-    prior, and no usage-entropy term (KL to a uniform pi already keeps usage balanced)."""
+    categorical: the classic categorical KL(r || pi) instead of the logit-MoG prior, at the settings
+    that suit it: no usage-entropy term (KL to a uniform pi already balances usage) and the usual
+    logit-head init (its push towards uniform r breaks the symmetry)."""
     name: Optional[str] = None
     """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
     out_dir: Optional[str] = None
@@ -135,7 +136,8 @@ PRESETS: dict[str, Config] = {
         preset="quick", c_regularizer="logit_mog", prior_mean=7.0, prior_sigma=1.0, prior_weight=1.0,
         kl_c_weight=0.0, router="straight_through", num_components=20, latent_dim=2,
     ),
-    "categorical": Config(preset="categorical", c_regularizer="categorical", diversity_weight=0.0),
+    "categorical": Config(preset="categorical", c_regularizer="categorical", diversity_weight=0.0,
+                          logit_init_scale=1.0),
 }
 
 

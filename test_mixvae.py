@@ -504,3 +504,19 @@ def test_kick_schedule_softens_routing_and_biases_the_new_channel():
     assert float(kick.temperature) == 3.0 and float(kick.prior_scale) == 0.25 and not bool(kick.straight_through)
     calm = train.schedule(config, 0, k_active=2)
     assert float(calm.prior_scale) == 1.0 and bool(calm.straight_through) and not np.any(calm.logit_bias)
+
+
+def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
+    import bench
+
+    linear = eqx.nn.Linear(64, 32, key=jax.random.key(0))
+    conv = eqx.nn.Conv2d(1, 8, 4, stride=2, padding=1, key=jax.random.key(1))
+    jaxpr = jax.make_jaxpr(lambda x: jax.vmap(linear)(x))(jnp.zeros((5, 64)))
+    assert bench._count_macs(jaxpr.jaxpr) == 5 * 64 * 32
+    jaxpr = jax.make_jaxpr(conv)(jnp.zeros((1, 28, 28)))
+    assert bench._count_macs(jaxpr.jaxpr) == (8 * 14 * 14) * (1 * 4 * 4)
+    model = tiny_model(conditioning="separate")  # 3 stacked decoders of 2 -> 32 -> 32 -> 64
+    flops = bench.train_step_flops(model, all_active(), mixvae.Objective(), batch_size=4, input_dim=64)
+    encoder = 64 * 32 + 32 * 32 + 32 * 3 + 32 * 2 * 3 * 2
+    decoders = 3 * (2 * 32 + 32 * 32 + 32 * 64)
+    assert flops == 3 * 2 * 4 * (encoder + decoders)

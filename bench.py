@@ -1,0 +1,168 @@
+"""Speed benchmark (not a test): compile time, steady epoch time, steps/s, samples/s, peak RSS,
+analytic FLOPs of one train step and the achieved fraction of this machine's f32 matmul peak.
+
+    python bench.py                 # every case, each in a fresh process; prints a table, writes bench.json
+    python bench.py --cases default quick-conv
+
+Each case times `mixvae.train_epoch` (one compiled lax.scan per epoch) on data of the right
+shape: the embedded digits for `default`, random MNIST-shaped uint8 images otherwise (timing
+does not depend on pixel values). The FLOPs are counted from the forward pass's jaxpr: 2 x the
+multiply-adds of every matmul and convolution (encoder and all K decoders), times 3 for
+forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import configs
+
+CASES = {
+    "default": dict(config=configs.Config(), data="digits"),
+    "quick": dict(config=configs.PRESETS["quick"], data="mnist-3000"),
+    "quick-conv": dict(config=dataclasses.replace(configs.PRESETS["quick"], encoder="conv", decoder="conv"),
+                       data="mnist-3000"),
+}
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """Best-of-`repeats` f32 GFLOP/s of a jitted size x size matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def _count_macs(jaxpr) -> int:
+    """Multiply-adds of every dot_general and conv in a jaxpr, sub-jaxprs included."""
+    import math
+
+    macs = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            macs += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # [out, in / groups, *kernel] in the default layout
+            spec = eqn.params["dimension_numbers"].rhs_spec
+            kernel = math.prod(rhs[d] for d in spec[2:])
+            macs += math.prod(eqn.outvars[0].aval.shape) * rhs[spec[1]] * kernel
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    macs += _count_macs(getattr(inner, "jaxpr", inner))
+    return macs
+
+
+def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -> float:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import mixvae
+
+    x = jnp.zeros((batch_size, input_dim), jnp.float32)
+    jaxpr, _, _ = eqx.filter_make_jaxpr(mixvae.forward)(model, x, jax.random.key(0), sched, objective.router)
+    return 3 * 2 * _count_macs(jaxpr.jaxpr)
+
+
+def run_case(name: str, epochs: int = 4) -> dict:
+    """Time one case in this process."""
+    import jax
+    import numpy as np
+
+    import mixvae
+    import train
+
+    case = CASES[name]
+    config = case["config"]
+    if case["data"] == "digits":
+        images = train.load_dataset(config).train.images
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (3000, 784), dtype=np.uint8)
+    model = train.build_model(config, images.shape[1], jax.random.key(0))
+    objective = train.build_objective(config)
+    optimizer = mixvae.make_optimizer(config.learning_rate)
+    opt_state = mixvae.init_optimizer(optimizer, model)
+    sched = train.schedule(config, 0)
+    steps = len(images) // config.batch_size
+    batches = np.arange(steps * config.batch_size).reshape(steps, config.batch_size)
+    images = jax.device_put(images)
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        model, opt_state, metrics = mixvae.train_epoch(model, opt_state, images, batches, jax.random.key(epoch),
+                                                       sched, objective, optimizer)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    steady = float(np.median(times[1:]))
+    flops = train_step_flops(model, sched, objective, config.batch_size, images.shape[1])
+    peak = matmul_peak_gflops()
+    achieved = flops * steps / steady / 1e9
+    return {
+        "case": name, "encoder": config.encoder, "decoder": config.decoder, "K": config.num_components,
+        "D": config.latent_dim, "batch_size": config.batch_size, "steps_per_epoch": steps,
+        "compile_time_sec": times[0] - steady, "steady_epoch_sec": steady, "steps_per_sec": steps / steady,
+        "samples_per_sec": steps * config.batch_size / steady, "step_gflop": flops / 1e9,
+        "achieved_gflops": achieved, "peak_matmul_gflops": peak, "achieved_over_peak": achieved / peak,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def usage_line_seconds() -> float:
+    """Wall time of `python train.py --c-regularizer logit_mog --prior-mean 7` as a whole process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "--c-regularizer", "logit_mog", "--prior-mean", "7",
+                        "--out-dir", f"{tmp}/run"], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)  # a child process's case
+    parser.add_argument("--no-usage-line", action="store_true", help="skip timing the usage line")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one)))
+        return
+    rows = []
+    for name in args.cases:  # a fresh process each: cold compile, per-case peak RSS
+        child = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    columns = ["case", "encoder", "K", "D", "compile_time_sec", "steady_epoch_sec", "steps_per_sec",
+               "samples_per_sec", "step_gflop", "achieved_gflops", "peak_matmul_gflops", "achieved_over_peak",
+               "peak_rss_mb"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    result = {"cases": rows}
+    if not args.no_usage_line:
+        result["usage_line_sec"] = usage_line_seconds()
+        print(f"usage line (whole process): {result['usage_line_sec']:.1f} s")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
