@@ -501,6 +501,7 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
         for j in range(columns):
             axes[k, j].imshow(samples[j, k].reshape(side, side), cmap="gray", vmin=0, vmax=1)
             axes[k, j].axis("off")
+        axes[k, 0].set_title(f"{k}", fontsize=7, loc="left")
     save(fig, "samples.png", "One row per channel: decoder means at z ~ N(0, I)")
 
     if config.latent_dim == 2:
@@ -520,12 +521,18 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
 # --------------------------------------------------------------------------------------
 
 
+HEADLINE = ("responsibility_confidence", "component_entropy", "k_eff", "cluster_accuracy", "nmi", "ari",
+            "neg_elbo")
+
+
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
     training = summary["training"]
     lines = [f"# Run report: {run_dir.name}", "",
              f"Objective: c-regularizer `{config.c_regularizer}`; {summary['training']['epochs_completed']} "
              f"epochs, best epoch {training['best_epoch']}; training {training['training_time_sec']:.1f} s "
              f"(compile {training['compile_time_sec']:.1f} s).", "",
+             "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE) + ".",
+             "",
              "## Config", "", "| flag | value |", "|---|---|"]
     lines += [f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()]
     lines += ["", "## Dataset", "", "| | |", "|---|---|"]
@@ -586,9 +593,7 @@ def run(config: Config) -> Path:
     write_json(run_dir / "summary.json", summary)
     figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
     write_report(run_dir, config, summary, figures)
-    ev = evaluation_metrics
-    print(f"test: cluster_accuracy {ev['cluster_accuracy']:.3f}  nmi {ev['nmi']:.3f}  ari {ev['ari']:.3f}  "
-          f"responsibility_confidence {ev['responsibility_confidence']:.3f}  neg_elbo {ev['neg_elbo']:.2f}")
+    print("test: " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE))
     print(f"report: {run_dir / 'REPORT.md'}")
     return run_dir
 
