@@ -29,8 +29,15 @@ class Config:
     """Seed of the data split, the initialisation, the shuffling and the noise."""
 
     # --- data ------------------------------------------------------------------------
-    dataset: Literal["digits"] = "digits"
-    """Dataset. digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped, offline)."""
+    dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
+    """Dataset. digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped, offline).
+    mnist, fashion-mnist: the four official IDX files from --data-dir (downloaded when missing,
+    MD5-checked); the official 10000-image test split."""
+    data_dir: Optional[str] = None
+    """Directory of the IDX files; unset: $MIXVAE_DATA_DIR/<dataset>, else
+    ~/.cache/mixvae/data/<dataset>."""
+    num_samples: Optional[int] = None
+    """Train on a stratified subset of this many training images (seeded); unset: all."""
     val_split: float = 0.1
     """Fraction of the training images held out for validation, in (0, 1)."""
 
@@ -158,6 +165,7 @@ def validate(config: Config) -> Config:
         ("hidden_dim", c.hidden_dim >= 1, "an integer >= 1"),
         ("logit_init_scale", c.logit_init_scale > 0, "> 0"),
         ("val_split", 0.0 < c.val_split < 1.0, "a fraction in (0, 1)"),
+        ("num_samples", c.num_samples is None or c.num_samples >= 20, "an integer >= 20 (or unset)"),
         ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
         ("gumbel_temperature_min", 0 < c.gumbel_temperature_min <= c.gumbel_temperature,
          f"in (0, --gumbel-temperature={c.gumbel_temperature}]"),

@@ -520,3 +520,98 @@ def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
     encoder = 64 * 32 + 32 * 32 + 32 * 3 + 32 * 2 * 3 * 2
     decoders = 3 * (2 * 32 + 32 * 32 + 32 * 64)
     assert flops == 3 * 2 * 4 * (encoder + decoders)
+
+
+# --------------------------------------------------------------------------------------
+# MNIST-style data: IDX files, checksums, errors
+# --------------------------------------------------------------------------------------
+
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def write_idx(path, array, magic, *, truncate=0):
+    import gzip
+
+    header = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + np.asarray(array, np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw[: len(raw) - truncate]))
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch):
+    """Four small valid IDX files (8x8 images, 10 classes) registered as dataset "mnist"."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, n in (("train", 200), ("t10k", 50)):
+        labels = np.arange(n) % 10
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 8, 8)), train.IDX_IMAGES)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels, train.IDX_LABELS)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        files[name] = hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
+    monkeypatch.setitem(train.IDX_DATASETS, "mnist", (("http://127.0.0.1:9/",), files))
+    return tmp_path
+
+
+def mnist_config(data_dir, **kwargs):
+    return configs.Config(dataset="mnist", data_dir=str(data_dir), batch_size=16, **kwargs)
+
+
+def test_idx_dataset_loads_with_official_test_split_and_stratified_subset(fake_mnist):
+    data = train.load_dataset(mnist_config(fake_mnist))
+    assert data.train.images.dtype == np.uint8 and data.train.images.shape[1] == 64 and data.image_side == 8
+    assert len(data.test.images) == 50 and len(data.train.images) + len(data.val.images) == 200
+    subset = train.load_dataset(mnist_config(fake_mnist, num_samples=100))
+    assert len(subset.train.images) + len(subset.val.images) == 100
+    counts = np.bincount(np.concatenate([subset.train.labels, subset.val.labels]), minlength=10)
+    assert np.all(counts == 10)  # stratified
+    np.testing.assert_array_equal(subset.test.labels, data.test.labels)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "could not be downloaded"),
+    ("truncated-gzip", "not a readable gzip file"),
+    ("checksum", "is not the official"),
+    ("magic", "IDX magic number"),
+    ("shape", "the header promises shape"),
+])
+def test_broken_idx_files_give_one_line_errors_naming_the_file(fake_mnist, monkeypatch, damage, message):
+    import hashlib
+
+    images = fake_mnist / "train-images-idx3-ubyte.gz"
+    if damage == "missing":
+        images.unlink()
+    elif damage == "truncated-gzip":
+        images.write_bytes(images.read_bytes()[:-20])
+    elif damage == "checksum":
+        images.write_bytes(images.read_bytes() + b"\0")
+    else:
+        array = np.zeros((200, 8, 8))
+        write_idx(images, array, 2049 if damage == "magic" else train.IDX_IMAGES, truncate=64 if damage == "shape" else 0)
+    if damage != "checksum":  # the other damages must be caught by the reader, past a matching checksum
+        mirrors, files = train.IDX_DATASETS["mnist"]
+        files = dict(files, **({} if damage == "missing" else {images.name: hashlib.md5(images.read_bytes()).hexdigest()}))
+        monkeypatch.setitem(train.IDX_DATASETS, "mnist", (mirrors, files))
+    with pytest.raises(train.DataError, match=message) as error:
+        train.load_dataset(mnist_config(fake_mnist))
+    assert "train-images-idx3-ubyte.gz" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path):
+    result = run_cli("--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--validate-only")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "t10k-images-idx3-ubyte.gz" in result.stderr and str(tmp_path / "none") in result.stderr
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the official MNIST files are not beside the checkout")
+def test_official_mnist_files_load_and_verify():
+    data = train.load_dataset(configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), num_samples=3000))
+    assert data.image_side == 28 and data.test.images.shape == (10000, 784)
+    assert len(data.train.images) + len(data.val.images) == 3000
+    np.testing.assert_array_equal(np.bincount(data.test.labels),
+                                  [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    full = train.load_dataset(configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), val_split=0.5))
+    pixels = np.concatenate([full.train.images, full.val.images])
+    assert pixels.shape == (60000, 784) and abs(pixels.mean() - 33.3184) < 1e-3

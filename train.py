@@ -74,21 +74,143 @@ class Dataset(NamedTuple):
 
 DIGITS_TEST_FRACTION = 0.2
 
+# The four standard IDX files of each MNIST-style dataset: mirrors, and the official MD5 of each .gz.
+IDX_DATASETS = {
+    "mnist": (
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+         "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+         "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+         "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+    ),
+    "fashion-mnist": (
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+    ),
+}
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 and 1 dimensions
+
+
+class DataError(Exception):
+    """A missing, corrupt or malformed data file; its message is one line naming the file."""
+
+
+def data_dir_of(config: Config) -> Path:
+    """--data-dir, else $MIXVAE_DATA_DIR/<dataset>, else ~/.cache/mixvae/data/<dataset>."""
+    if config.data_dir is not None:
+        return Path(config.data_dir)
+    root = os.environ.get("MIXVAE_DATA_DIR")
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return (Path(root) if root else cache_home / "mixvae" / "data") / config.dataset
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch `url` into `path` with a progress bar, atomically."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False) as bar:
+            def copy(f):
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            atomic_write(path, copy)
+
+
+def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
+    """The four files, downloaded first where missing, each checked against its official MD5."""
+    import hashlib
+
+    mirrors, checksums = IDX_DATASETS[dataset]
+    missing = [name for name in checksums if not (data_dir / name).is_file()]
+    if missing:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            for name in missing:
+                for i, mirror in enumerate(mirrors):
+                    try:
+                        download(mirror + name, data_dir / name)
+                        break
+                    except OSError:
+                        if i == len(mirrors) - 1:
+                            raise
+        except OSError as error:
+            raise DataError(
+                f"{dataset}: {', '.join(missing)} not found in {data_dir} and could not be downloaded "
+                f"({error}); download them from {mirrors[0]} into that directory by hand, or pass "
+                "--data-dir DIR holding them") from None
+    for name, expected in checksums.items():
+        digest = hashlib.md5((data_dir / name).read_bytes()).hexdigest()
+        if digest != expected:
+            raise DataError(f"{data_dir / name}: MD5 {digest} is not the official {expected} (a corrupt or "
+                            "truncated file: delete it to download it again)")
+    return {name: data_dir / name for name in checksums}
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX array of unsigned bytes from a gzip file, its header checked against its contents."""
+    import gzip
+    import zlib
+
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: not a readable gzip file ({error})") from None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise DataError(f"{path}: IDX magic number {found} is not {magic}")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    values = np.frombuffer(raw, np.uint8, offset=min(len(raw), 4 + 4 * ndim))
+    if values.size != int(np.prod(shape)):
+        raise DataError(f"{path}: the header promises shape {shape} ({int(np.prod(shape))} values) but the "
+                        f"file holds {values.size}")
+    return values.reshape(shape)
+
+
+def read_idx_split(images_path: Path, labels_path: Path) -> Split:
+    images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
+    if images.shape[1] != images.shape[2] or len(images) != len(labels) or labels.max(initial=0) > 9:
+        raise DataError(f"{images_path}: images {images.shape} and labels {labels.shape} (max "
+                        f"{labels.max(initial=0)}) are not N square images with N labels in 0..9")
+    return Split(images.reshape(len(images), -1), labels.astype(np.int64))
+
 
 def load_dataset(config: Config) -> Dataset:
-    """digits: sklearn's 8x8 digits scaled to [0, 1]; stratified train/val/test split by seed."""
-    digits = load_digits()
-    images = (digits.data / 16.0).astype(np.float32)
-    labels = digits.target.astype(np.int64)
-    rest_x, test_x, rest_y, test_y = train_test_split(
-        images, labels, test_size=DIGITS_TEST_FRACTION, random_state=config.seed, stratify=labels)
+    """digits: sklearn's 8x8 digits scaled to [0, 1], split train/val/test (stratified, by seed).
+    mnist, fashion-mnist: the official IDX files as uint8; the official test split; --num-samples
+    takes a stratified subset of the training split; validation is held out of the training split."""
+    if config.dataset == "digits":
+        digits = load_digits()
+        images = (digits.data / 16.0).astype(np.float32)
+        labels = digits.target.astype(np.int64)
+        rest_x, test_x, rest_y, test_y = train_test_split(
+            images, labels, test_size=DIGITS_TEST_FRACTION, random_state=config.seed, stratify=labels)
+        rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), 8
+    else:
+        paths = fetch_idx_files(config.dataset, data_dir_of(config))
+        rest = read_idx_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
+        test = read_idx_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
+        side = image_side_of(rest)
+    if config.num_samples is not None and config.num_samples < len(rest.images):
+        x, _, y, _ = train_test_split(rest.images, rest.labels, train_size=config.num_samples,
+                                      random_state=config.seed, stratify=rest.labels)
+        rest = Split(x, y)
     train_x, val_x, train_y, val_y = train_test_split(
-        rest_x, rest_y, test_size=config.val_split, random_state=config.seed, stratify=rest_y)
-    data = Dataset("digits", Split(train_x, train_y), Split(val_x, val_y), Split(test_x, test_y), 8)
+        rest.images, rest.labels, test_size=config.val_split, random_state=config.seed, stratify=rest.labels)
+    data = Dataset(config.dataset, Split(train_x, train_y), Split(val_x, val_y), test, side)
     if config.batch_size > len(data.train.images):
         raise ConfigError(f"--batch-size={config.batch_size} is not allowed: must be at most the "
                           f"{len(data.train.images)} training images of {data.name}")
     return data
+
+
+def image_side_of(split: Split) -> int:
+    return mixvae.image_side(split.images.shape[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -618,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     try:
         run(config)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
