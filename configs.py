@@ -64,6 +64,9 @@ class Config:
     """p(x | x_hat): bernoulli (logits), gaussian (fixed sigma 0.1), heteroscedastic (one
     sigma per image, in [0.05, 1])."""
 
+    eval_iw_samples: int = 50
+    """Importance samples S of the test -log p(x) estimate (iw_nll in summary.json; 0: skip)."""
+
     # --- routing ---------------------------------------------------------------------
     router: Literal["softmax", "gumbel", "straight_through"] = "straight_through"
     """How channel weights s are drawn from the logits: s = softmax(y), a Gumbel-softmax sample,
@@ -165,6 +168,7 @@ def validate(config: Config) -> Config:
         ("hidden_dim", c.hidden_dim >= 1, "an integer >= 1"),
         ("logit_init_scale", c.logit_init_scale > 0, "> 0"),
         ("val_split", 0.0 < c.val_split < 1.0, "a fraction in (0, 1)"),
+        ("eval_iw_samples", c.eval_iw_samples >= 0, "an integer >= 0"),
         ("num_samples", c.num_samples is None or c.num_samples >= 20, "an integer >= 20 (or unset)"),
         ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
         ("gumbel_temperature_min", 0 < c.gumbel_temperature_min <= c.gumbel_temperature,

@@ -417,7 +417,7 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         assert f"final_val_{name}" in summary["training"]
     assert summary["training"]["epochs_completed"] == 2 and summary["training"]["best_epoch"] in (1, 2)
     assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
-    for name in ["cluster_accuracy", "nmi", "ari", "many_to_one_accuracy", "neg_elbo", "k_eff"]:
+    for name in ["cluster_accuracy", "nmi", "ari", "many_to_one_accuracy", "neg_elbo", "k_eff", "iw_nll"]:
         assert 0 <= summary["evaluation"][name] < np.inf, name
     assert summary["dataset"]["name"] == "digits"
     assert json.loads((out / "config.json").read_text())["c_regularizer"] == "both"
@@ -615,3 +615,28 @@ def test_official_mnist_files_load_and_verify():
     full = train.load_dataset(configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), val_split=0.5))
     pixels = np.concatenate([full.train.images, full.val.images])
     assert pixels.shape == (60000, 784) and abs(pixels.mean() - 33.3184) < 1e-3
+
+
+def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders_ignore_z():
+    model = tiny_model(conditioning="separate", learnable_pi=True)
+    model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
+    head = model.encoder.posterior_head
+    model = eqx.tree_at(lambda m: (m.encoder.posterior_head.weight, m.encoder.posterior_head.bias), model,
+                        (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)))  # q(z|x) = N(0, I)
+    first = model.decoders.network.layers[0].weight
+    model = eqx.tree_at(lambda m: m.decoders.network.layers[0].weight, model, jnp.zeros_like(first))
+    sched = all_active()
+    nll = np.asarray(mixvae.forward(model, TINY_BATCH, None, sched, "softmax").nll, float)
+    log_pi = np.log(np.asarray(mixvae.mixture_weights(model), float))
+    expected = np_logsumexp(log_pi - nll, axis=-1)  # log sum_k pi_k p(x | k), exactly
+    got = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=7)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", mixvae.LATENT_LAYOUTS)
+def test_iw_bound_is_tighter_than_the_elbo(layout):
+    model = tiny_model(latent_layout=layout)
+    sched = all_active()
+    _, metrics = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective())
+    iw = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=64)
+    assert np.all(np.isfinite(iw)) and -float(np.mean(iw)) < float(metrics["neg_elbo"])

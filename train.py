@@ -431,7 +431,18 @@ def evaluate_split(model, config: Config, images, k_active: int):
     return metrics, np.asarray(terms.responsibilities)
 
 
-def evaluation(model, config: Config, data: Dataset, k_active: int):
+def iw_nll(model, config: Config, images, k_active: int, key, chunk_size: int = 256) -> float:
+    """Test -log p(x) by importance weighting with --eval-iw-samples samples, in fixed-size jitted chunks."""
+    estimate = eqx.filter_jit(mixvae.iw_log_likelihood)
+    sched = schedule(config, config.epochs, k_active)
+    padded = np.concatenate([images, np.zeros((-len(images) % chunk_size,) + images.shape[1:], images.dtype)])
+    chunks = [estimate(model, mixvae.to_unit_interval(jnp.asarray(padded[start:start + chunk_size])),
+                       jax.random.fold_in(key, start), sched, config.eval_iw_samples)
+              for start in range(0, len(images), chunk_size)]
+    return float(-np.mean(np.concatenate(chunks)[: len(images)]))
+
+
+def evaluation(model, config: Config, data: Dataset, k_active: int, key):
     """Test-split metrics (ELBO terms, routing statistics, clustering scores) and the test
     responsibilities and usage, for the figures."""
     metrics, responsibilities = evaluate_split(model, config, data.test.images, k_active)
@@ -439,6 +450,9 @@ def evaluation(model, config: Config, data: Dataset, k_active: int):
     channels = responsibilities.argmax(-1)
     scores = clustering_scores(channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels)
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
+    if config.eval_iw_samples:
+        result["iw_nll"] = iw_nll(model, config, data.test.images, k_active, key)
+        result["iw_samples"] = config.eval_iw_samples
     return result, responsibilities, np.asarray(metrics["usage"])
 
 
@@ -649,7 +663,7 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
 
 
 HEADLINE = ("responsibility_confidence", "component_entropy", "k_eff", "cluster_accuracy", "nmi", "ari",
-            "neg_elbo")
+            "neg_elbo", "iw_nll")
 
 
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
@@ -658,7 +672,8 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
              f"Objective: c-regularizer `{config.c_regularizer}`; {summary['training']['epochs_completed']} "
              f"epochs, best epoch {training['best_epoch']}; training {training['training_time_sec']:.1f} s "
              f"(compile {training['compile_time_sec']:.1f} s).", "",
-             "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE) + ".",
+             "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE
+                                           if name in summary["evaluation"]) + ".",
              "",
              "## Config", "", "| flag | value |", "|---|---|"]
     lines += [f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()]
@@ -709,18 +724,19 @@ def run(config: Config) -> Path:
         return run_dir
     prepare_run_dir(run_dir)
     write_json(run_dir / "config.json", dataclasses.asdict(config))
-    init_key, train_key, figure_key = jax.random.split(jax.random.key(config.seed), 3)
+    init_key, train_key, figure_key, iw_key = jax.random.split(jax.random.key(config.seed), 4)
     model = build_model(config, data.train.images.shape[1], init_key)
     print(f"run directory: {run_dir}")
     result = train(config, data, model, train_key)
     write_history(run_dir / "history.csv", result.history)
     save_checkpoint(run_dir, result.model, config, result.best_epoch)
-    evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active)
+    evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active, iw_key)
     summary = summary_of(config, data, result, evaluation_metrics)
     write_json(run_dir / "summary.json", summary)
     figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
     write_report(run_dir, config, summary, figures)
-    print("test: " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE))
+    print("test: " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE
+                               if name in evaluation_metrics))
     print(f"report: {run_dir / 'REPORT.md'}")
     return run_dir
 
