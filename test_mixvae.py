@@ -404,7 +404,8 @@ def test_a_short_run_writes_every_artifact(tmp_path):
                        "--num-components", "4", "--c-regularizer", "both"]) == 0
     for name in ["config.json", "history.csv", "summary.json", "REPORT.md", "checkpoint.eqx", "checkpoint.json",
                  "figures/loss_curves.png", "figures/routing.png", "figures/usage.png",
-                 "figures/reconstructions.png", "figures/samples.png", "figures/latent.png"]:
+                 "figures/reconstructions.png", "figures/samples.png", "figures/latent.png",
+                 "figures/contingency.png"]:
         assert (out / name).is_file(), name
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))

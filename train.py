@@ -615,13 +615,29 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     ax.set_xticks(np.arange(num_components))
     save(fig, "usage.png", "Channel usage on the test split")
 
+    channels = responsibilities.argmax(-1)
+    num_labels = int(data.test.labels.max()) + 1
+    contingency = confusion_matrix(channels, data.test.labels, labels=np.arange(max(num_components, num_labels)))
+    contingency = contingency[:num_components, :num_labels]
+    fig, ax = plt.subplots(figsize=(5.5, 0.3 * num_components + 1.5))
+    image = ax.imshow(contingency, cmap="Blues", aspect="auto")
+    for (k, label), count in np.ndenumerate(contingency):
+        if count:
+            ax.text(label, k, str(count), ha="center", va="center", fontsize=6,
+                    color="white" if count > contingency.max() / 2 else "black")
+    ax.set_xticks(np.arange(num_labels))
+    ax.set_yticks(np.arange(num_components))
+    ax.set_xlabel("true label")
+    ax.set_ylabel("channel (argmax r)")
+    fig.colorbar(image, ax=ax, label="test images")
+    save(fig, "contingency.png", "Channel-by-label counts on the test split")
+
     if curriculum is not None:
         plot_curriculum(history, curriculum, num_components, save)
 
     side = data.image_side
     num_pixels = side * side
     columns = 8
-    channels = responsibilities.argmax(-1)
     shown = [np.flatnonzero(channels == k)[:columns] for k in range(num_components)]
     rows = np.concatenate(shown)  # only the images on the grid are decoded
     images = mixvae.to_unit_interval(jnp.asarray(data.test.images[rows]))
