@@ -25,6 +25,11 @@ class Config:
     validate_only: bool = False
     """Validate the config, build the model and trace the loss; print the parameter count and
     where the run would write; train nothing."""
+    eval_only: bool = False
+    """Evaluate the run in --checkpoint again without training, and rewrite its evaluation,
+    figures and REPORT.md."""
+    checkpoint: Optional[str] = None
+    """The run directory that --eval-only evaluates."""
     seed: int = 0
     """Seed of the data split, the initialisation, the shuffling and the noise."""
 
@@ -192,6 +197,8 @@ def validate(config: Config) -> Config:
         ("kick_temperature", c.kick_temperature > 0, "> 0"),
         ("kick_prior_scale", c.kick_prior_scale >= 0, ">= 0"),
     ]
+    if c.eval_only and c.checkpoint is None:
+        raise ConfigError("--eval-only needs --checkpoint RUN_DIR, the run directory to evaluate")
     for field, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{flag(field)}={getattr(c, field)!r} is not allowed: must be {allowed}")

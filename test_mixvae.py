@@ -641,3 +641,23 @@ def test_iw_bound_is_tighter_than_the_elbo(layout):
     _, metrics = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective())
     iw = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=64)
     assert np.all(np.isfinite(iw)) and -float(np.mean(iw)) < float(metrics["neg_elbo"])
+
+
+def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--out-dir", str(out), "--epochs", "2", "--hidden-dim", "16", "--num-components", "4",
+                       "--eval-iw-samples", "2"]) == 0
+    before = json.loads((out / "summary.json").read_text())
+    history = (out / "history.csv").read_text()
+    (out / "REPORT.md").unlink()
+    assert train.main(["--eval-only", "--checkpoint", str(out), "--eval-iw-samples", "8"]) == 0
+    after = json.loads((out / "summary.json").read_text())
+    assert (out / "history.csv").read_text() == history and (out / "REPORT.md").is_file()
+    assert after["training"] == before["training"] and after["evaluation"]["iw_samples"] == 8
+    for name in ["cluster_accuracy", "nmi", "ari", "neg_elbo", "responsibility_confidence"]:
+        assert after["evaluation"][name] == pytest.approx(before["evaluation"][name], rel=1e-6), name
+    (out / "checkpoint.eqx").write_bytes((out / "checkpoint.eqx").read_bytes()[:100])  # truncated
+    with pytest.raises(configs.ConfigError, match="does not match"):
+        train.run(configs.Config(eval_only=True, checkpoint=str(out)))
+    with pytest.raises(configs.ConfigError, match="not a run directory"):
+        train.run(configs.Config(eval_only=True, checkpoint=str(tmp_path)))

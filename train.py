@@ -733,6 +733,8 @@ def validate_only(config: Config, data: Dataset, run_dir: Path) -> None:
 
 def run(config: Config) -> Path:
     configs.validate(config)
+    if config.eval_only:
+        return reevaluate(config)
     data = load_dataset(config)
     run_dir = resolve_run_dir(config)
     if config.validate_only:
@@ -746,6 +748,12 @@ def run(config: Config) -> Path:
     result = train(config, data, model, train_key)
     write_history(run_dir / "history.csv", result.history)
     save_checkpoint(run_dir, result.model, config, result.best_epoch)
+    evaluate_and_report(run_dir, config, data, result, iw_key, figure_key)
+    return run_dir
+
+
+def evaluate_and_report(run_dir: Path, config: Config, data: Dataset, result: TrainResult, iw_key, figure_key):
+    """Test evaluation of the best model, then summary.json, the figures and REPORT.md."""
     evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active, iw_key)
     summary = summary_of(config, data, result, evaluation_metrics)
     write_json(run_dir / "summary.json", summary)
@@ -754,6 +762,41 @@ def run(config: Config) -> Path:
     print("test: " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE
                                if name in evaluation_metrics))
     print(f"report: {run_dir / 'REPORT.md'}")
+
+
+def reevaluate(config: Config) -> Path:
+    """--eval-only --checkpoint RUN_DIR: evaluate the saved best model again (with this call's
+    --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training."""
+    run_dir = Path(config.checkpoint)
+    needed = ["checkpoint.eqx", "checkpoint.json", "summary.json", "history.csv"]
+    if not all((run_dir / name).is_file() for name in needed):
+        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: not a run directory (it needs "
+                          f"{', '.join(needed)})")
+    try:
+        saved = Config(**json.loads((run_dir / "checkpoint.json").read_text())["config"])
+        saved = configs.validate(dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        with open(run_dir / "history.csv") as f:
+            history = [{name: float(value) for name, value in row.items()} for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: its files do not parse ({error})") from None
+    data = load_dataset(saved)
+    _, _, figure_key, iw_key = jax.random.split(jax.random.key(saved.seed), 4)
+    skeleton = build_model(saved, data.train.images.shape[1], jax.random.key(0))
+    try:
+        model = eqx.tree_deserialise_leaves(run_dir / "checkpoint.eqx", skeleton)
+    except Exception as error:  # equinox raises several kinds for a mismatched or truncated file
+        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: checkpoint.eqx does not match its "
+                          f"config ({type(error).__name__})") from None
+    curriculum = Curriculum.from_config(saved)
+    if curriculum is not None:
+        curriculum.k_active = summary["curriculum"]["final_k_active"]
+        curriculum.unlock_epochs = summary["curriculum"]["unlock_epochs"]
+    training = summary["training"]
+    best_k_active = summary.get("curriculum", {}).get("best_model_k_active", saved.num_components)
+    result = TrainResult(model, history, training["best_epoch"], best_k_active, training["training_time_sec"],
+                         training["compile_time_sec"], curriculum)
+    evaluate_and_report(run_dir, saved, data, result, iw_key, figure_key)
     return run_dir
 
 
