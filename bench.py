@@ -16,13 +16,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import configs
+import mixvae
+import train
 
 CASES = {
     "default": dict(config=configs.Config(), data="digits"),
@@ -34,9 +42,6 @@ CASES = {
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     """Best-of-`repeats` f32 GFLOP/s of a jitted size x size matmul."""
-    import jax
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda a, b: a @ b)
     matmul(a, a).block_until_ready()
@@ -50,8 +55,6 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 def _count_macs(jaxpr) -> int:
     """Multiply-adds of every dot_general and conv in a jaxpr, sub-jaxprs included."""
-    import math
-
     macs = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -72,12 +75,7 @@ def _count_macs(jaxpr) -> int:
 
 
 def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -> float:
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-
-    import mixvae
-
+    """2 x the multiply-adds of one batch's forward pass (encoder and all decoders), x 3 for the backward."""
     x = jnp.zeros((batch_size, input_dim), jnp.float32)
     jaxpr, _, _ = eqx.filter_make_jaxpr(mixvae.forward)(model, x, jax.random.key(0), sched, objective.router)
     return 3 * 2 * _count_macs(jaxpr.jaxpr)
@@ -85,12 +83,6 @@ def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -
 
 def run_case(name: str, epochs: int = 4) -> dict:
     """Time one case in this process."""
-    import jax
-    import numpy as np
-
-    import mixvae
-    import train
-
     case = CASES[name]
     config = case["config"]
     if case["data"] == "digits":

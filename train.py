@@ -13,11 +13,15 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import gzip
+import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,8 +113,6 @@ def data_dir_of(config: Config) -> Path:
 
 def download(url: str, path: Path) -> None:
     """Fetch `url` into `path` with a progress bar, atomically."""
-    import urllib.request
-
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False) as bar:
@@ -123,8 +125,6 @@ def download(url: str, path: Path) -> None:
 
 def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
     """The four files, downloaded first where missing, each checked against its official MD5."""
-    import hashlib
-
     mirrors, checksums = IDX_DATASETS[dataset]
     missing = [name for name in checksums if not (data_dir / name).is_file()]
     if missing:
@@ -153,9 +153,6 @@ def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX array of unsigned bytes from a gzip file, its header checked against its contents."""
-    import gzip
-    import zlib
-
     try:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError, zlib.error) as error:
@@ -195,7 +192,7 @@ def load_dataset(config: Config) -> Dataset:
         paths = fetch_idx_files(config.dataset, data_dir_of(config))
         rest = read_idx_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
         test = read_idx_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
-        side = image_side_of(rest)
+        side = mixvae.image_side(rest.images.shape[1])
     if config.num_samples is not None and config.num_samples < len(rest.images):
         x, _, y, _ = train_test_split(rest.images, rest.labels, train_size=config.num_samples,
                                       random_state=config.seed, stratify=rest.labels)
@@ -207,10 +204,6 @@ def load_dataset(config: Config) -> Dataset:
         raise ConfigError(f"--batch-size={config.batch_size} is not allowed: must be at most the "
                           f"{len(data.train.images)} training images of {data.name}")
     return data
-
-
-def image_side_of(split: Split) -> int:
-    return mixvae.image_side(split.images.shape[1])
 
 
 # --------------------------------------------------------------------------------------
