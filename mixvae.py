@@ -484,6 +484,21 @@ class Terms(NamedTuple):
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
 
 
+def decode_channels(model: MixVAE, z):
+    """Decoder outputs of every channel: z [B, K, D] (or the shared [B, D], given to every
+    channel) -> [B, K, P (+1)]."""
+    if model.latent_layout == "shared":
+        z = jnp.broadcast_to(z[:, None, :], (z.shape[0], model.num_components, z.shape[-1]))
+    return jax.vmap(model.decoders)(z)
+
+
+def channel_nll(model: MixVAE, x, decoded):
+    """-log p(x | x_hat_k) under the model's likelihood: x [B, P], decoded [B, K, P (+1)] -> [B, K]."""
+    return reconstruction_nll(x[:, None, :], decoded, likelihood=model.likelihood,
+                              observation_sigma=model.observation_sigma, sigma_min=model.sigma_min,
+                              sigma_max=model.sigma_max)
+
+
 def forward(model: MixVAE, x, key, sched: Schedule, router: str) -> Terms:
     """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
     key is None), decode every channel."""
@@ -495,12 +510,7 @@ def forward(model: MixVAE, x, key, sched: Schedule, router: str) -> Terms:
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
-    if model.latent_layout == "shared":
-        z = jnp.broadcast_to(z[:, None, :], (x.shape[0], model.num_components, z.shape[-1]))
-    decoded = jax.vmap(model.decoders)(z)
-    nll = reconstruction_nll(x[:, None, :], decoded, likelihood=model.likelihood,
-                             observation_sigma=model.observation_sigma,
-                             sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    nll = channel_nll(model, x, decode_channels(model, z))
     return Terms(logits, routing.weights, routing.responsibilities, nll, gaussian_kl(mean, log_var))
 
 
@@ -613,11 +623,7 @@ def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
         z = mean + jnp.exp(0.5 * log_var) * eps
         log_prior_z = -0.5 * jnp.sum(jnp.square(z) + jnp.log(2 * jnp.pi), axis=-1)
         log_q_z = -0.5 * jnp.sum(jnp.square(eps) + log_var + jnp.log(2 * jnp.pi), axis=-1)
-        if model.latent_layout == "shared":
-            z = jnp.broadcast_to(z[:, None, :], (x.shape[0], model.num_components, z.shape[-1]))
-        nll = reconstruction_nll(x[:, None, :], jax.vmap(model.decoders)(z), likelihood=model.likelihood,
-                                 observation_sigma=model.observation_sigma, sigma_min=model.sigma_min,
-                                 sigma_max=model.sigma_max)
+        nll = channel_nll(model, x, decode_channels(model, z))
         return log_pi - nll + (log_prior_z - log_q_z).reshape(x.shape[0], -1)  # [B, K]
 
     weights = jax.lax.map(log_weights, jax.random.split(key, num_samples))  # [S, B, K]
@@ -679,16 +685,28 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
 
 _forward_jit = eqx.filter_jit(forward)
 _aggregate_jit = eqx.filter_jit(aggregate)
+_iw_log_likelihood_jit = eqx.filter_jit(iw_log_likelihood)
+
+
+def map_in_chunks(fn, images, chunk_size=256):
+    """fn(x, start) on consecutive chunks x of `images` [N, P] scaled to [0, 1]; the last chunk is
+    zero-padded so that one compilation serves every N. Results concatenated and cut to N."""
+    num = images.shape[0]
+    images = jnp.asarray(images)
+    padded = jnp.concatenate([images, jnp.zeros((-num % chunk_size,) + images.shape[1:], images.dtype)])
+    chunks = [fn(to_unit_interval(padded[start:start + chunk_size]), start) for start in range(0, num, chunk_size)]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts)[:num], *chunks)
 
 
 def evaluate(model, images, sched, objective, chunk_size=256):
-    """Deterministic forward pass (no noise) over `images` [N, P] in fixed-size jitted chunks
-    (one compilation serves every split), then the objective over the whole split as one batch.
-    Returns (metrics, terms)."""
-    num = images.shape[0]
-    padded = jnp.concatenate([images, jnp.zeros((-num % chunk_size,) + images.shape[1:], images.dtype)])
-    chunks = [_forward_jit(model, to_unit_interval(padded[start:start + chunk_size]), None, sched,
-                           objective.router) for start in range(0, num, chunk_size)]
-    terms = jax.tree.map(lambda *parts: jnp.concatenate(parts)[:num], *chunks)
+    """Deterministic forward pass (no noise) over `images` [N, P] in fixed-size jitted chunks,
+    then the objective over the whole split as one batch. Returns (metrics, terms)."""
+    terms = map_in_chunks(lambda x, _: _forward_jit(model, x, None, sched, objective.router), images, chunk_size)
     _, metrics = _aggregate_jit(model, terms, sched, objective)
     return metrics, terms
+
+
+def evaluate_iw(model, images, key, sched, num_samples, chunk_size=256):
+    """iw_log_likelihood of every image of `images` [N, P] in fixed-size jitted chunks -> [N]."""
+    return map_in_chunks(lambda x, start: _iw_log_likelihood_jit(model, x, jax.random.fold_in(key, start), sched,
+                                                                 num_samples), images, chunk_size)

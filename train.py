@@ -424,15 +424,11 @@ def evaluate_split(model, config: Config, images, k_active: int):
     return metrics, np.asarray(terms.responsibilities)
 
 
-def iw_nll(model, config: Config, images, k_active: int, key, chunk_size: int = 256) -> float:
-    """Test -log p(x) by importance weighting with --eval-iw-samples samples, in fixed-size jitted chunks."""
-    estimate = eqx.filter_jit(mixvae.iw_log_likelihood)
-    sched = schedule(config, config.epochs, k_active)
-    padded = np.concatenate([images, np.zeros((-len(images) % chunk_size,) + images.shape[1:], images.dtype)])
-    chunks = [estimate(model, mixvae.to_unit_interval(jnp.asarray(padded[start:start + chunk_size])),
-                       jax.random.fold_in(key, start), sched, config.eval_iw_samples)
-              for start in range(0, len(images), chunk_size)]
-    return float(-np.mean(np.concatenate(chunks)[: len(images)]))
+def iw_nll(model, config: Config, images, k_active: int, key) -> float:
+    """Test -log p(x) by importance weighting with --eval-iw-samples samples."""
+    log_likelihood = mixvae.evaluate_iw(model, images, key, schedule(config, config.epochs, k_active),
+                                        config.eval_iw_samples)
+    return float(-jnp.mean(log_likelihood))
 
 
 def evaluation(model, config: Config, data: Dataset, k_active: int, key):
@@ -635,9 +631,7 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     rows = np.concatenate(shown)  # only the images on the grid are decoded
     images = mixvae.to_unit_interval(jnp.asarray(data.test.images[rows]))
     _, mean, _ = jax.vmap(model.encoder)(images)
-    if config.latent_layout == "shared":
-        mean = jnp.broadcast_to(mean[:, None], (len(rows), num_components, mean.shape[-1]))
-    decoded = np.asarray(mixvae.decoded_mean(jax.vmap(model.decoders)(mean), num_pixels))
+    decoded = np.asarray(mixvae.decoded_mean(mixvae.decode_channels(model, mean), num_pixels))
     tiles = np.full((num_components, 2 * columns + 1, num_pixels), np.nan)  # a blank column between
     start = 0
     for k, members in enumerate(shown):
