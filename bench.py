@@ -3,8 +3,9 @@ analytic FLOPs of one train step and the achieved fraction of this machine's f32
 
     python bench.py                 # every case, each in a fresh process; prints a table, writes bench.json
     python bench.py --cases default quick-conv
+    python bench.py --cases --seeds 5   # only: 5 seeds vmapped in one run vs 5 runs one after another
 
-Each case times `mixvae.train_epoch` (one compiled lax.scan per epoch) on data of the right
+Each case times `mixvae.train_replicas` (one compiled lax.scan per epoch, as train.py runs it) on data of the right
 shape: the embedded digits for `default`, random MNIST-shaped uint8 images otherwise (timing
 does not depend on pixel values). The FLOPs are counted from the forward pass's jaxpr: 2 x the
 multiply-adds of every matmul and convolution (encoder and all K decoders), times 3 for
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -89,23 +91,24 @@ def run_case(name: str, epochs: int = 4) -> dict:
         images = train.load_dataset(config).train.images
     else:
         images = np.random.default_rng(0).integers(0, 256, (3000, 784), dtype=np.uint8)
-    model = train.build_model(config, images.shape[1], jax.random.key(0))
+    models = train.build_replicas(config, images.shape[1], jax.random.split(jax.random.key(0), 1))
     objective = train.build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    opt_state = mixvae.init_optimizer(optimizer, model)
+    opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
     sched = train.schedule(config, 0)
     steps = len(images) // config.batch_size
-    batches = np.arange(steps * config.batch_size).reshape(steps, config.batch_size)
+    batches = np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size)
     images = jax.device_put(images)
     times = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        model, opt_state, metrics = mixvae.train_epoch(model, opt_state, images, batches, jax.random.key(epoch),
-                                                       sched, objective, optimizer)
+        models, opt_states, metrics = mixvae.train_replicas(models, opt_states, images, batches,
+                                                            jax.random.split(jax.random.key(epoch), 1), sched,
+                                                            objective, optimizer)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     steady = float(np.median(times[1:]))
-    flops = train_step_flops(model, sched, objective, config.batch_size, images.shape[1])
+    flops = train_step_flops(train.replica(models, 0), sched, objective, config.batch_size, images.shape[1])
     peak = matmul_peak_gflops()
     achieved = flops * steps / steady / 1e9
     return {
@@ -127,9 +130,31 @@ def usage_line_seconds() -> float:
         return time.perf_counter() - start
 
 
+def seeds_wall_times(num_seeds: int, epochs: int = 40) -> dict:
+    """Whole-process wall time of `train.py --seeds 0..N-1` against N runs `--seed s` one after
+    another (each side with a fresh, then shared, XLA compilation cache; same epochs, no early stop)."""
+    common = ["--epochs", str(epochs), "--patience", "0", "--eval-iw-samples", "0"]
+
+    def wall(runs, cache):
+        start = time.perf_counter()
+        for args in runs:
+            subprocess.run([sys.executable, "train.py", *common, *args], check=True, capture_output=True,
+                           env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache})
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = [str(seed) for seed in range(num_seeds)]
+        vmapped = wall([["--seeds", *seeds, "--split-seed", "0", "--out-dir", f"{tmp}/vmapped"]], f"{tmp}/cache-v")
+        sequential = wall([["--seed", seed, "--split-seed", "0", "--out-dir", f"{tmp}/seed-{seed}"] for seed in seeds],
+                          f"{tmp}/cache-s")
+    return {"num_seeds": num_seeds, "epochs": epochs, "vmapped_sec": vmapped, "sequential_sec": sequential,
+            "speedup": sequential / vmapped}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the vmapped-vs-sequential timing (0: skip)")
     parser.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)  # a child process's case
     parser.add_argument("--no-usage-line", action="store_true", help="skip timing the usage line")
     parser.add_argument("--out", default="bench.json")
@@ -152,6 +177,10 @@ def main() -> None:
     if not args.no_usage_line:
         result["usage_line_sec"] = usage_line_seconds()
         print(f"usage line (whole process): {result['usage_line_sec']:.1f} s")
+    if args.seeds:
+        result["seeds"] = seeds_wall_times(args.seeds)
+        print("{num_seeds} seeds x {epochs} epochs, whole processes: vmapped in one run {vmapped_sec:.1f} s, "
+              "one run after another {sequential_sec:.1f} s ({speedup:.1f}x)".format(**result["seeds"]))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -31,7 +31,17 @@ class Config:
     checkpoint: Optional[str] = None
     """The run directory that --eval-only evaluates."""
     seed: int = 0
-    """Seed of the data split, the initialisation, the shuffling and the noise."""
+    """Seed of the initialisation, the shuffling and the noise (and of the data split, unless
+    --split-seed is given)."""
+    seeds: tuple[int, ...] = ()
+    """Train one replica per seed in one process, vmapped (one compiled step for all), e.g.
+    --seeds 0 1 2 3 4; every replica uses the data split of --split-seed (default --seed).
+    Unset: --seed alone."""
+    split_seed: Optional[int] = None
+    """Seed of the train/validation(/test) split; unset: --seed."""
+    devices: Optional[int] = None
+    """Data-parallel devices: each batch is sharded over this many local devices (SPMD,
+    parameters replicated); unset: all local devices. --batch-size must divide by it."""
 
     # --- data ------------------------------------------------------------------------
     dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
@@ -189,6 +199,11 @@ def validate(config: Config) -> Config:
         ("batch_size", c.batch_size >= 1, "an integer >= 1"),
         ("epochs", c.epochs >= 1, "an integer >= 1"),
         ("patience", c.patience >= 0, ">= 0"),
+        ("seeds", len(set(c.seeds)) == len(c.seeds), "distinct integers"),
+        ("seeds", len(c.seeds) <= 1 or not c.curriculum, "a single seed with --curriculum (its unlocks are per run)"),
+        ("devices", c.devices is None or c.devices >= 1, "an integer >= 1 (or unset)"),
+        ("devices", c.devices is None or c.batch_size % c.devices == 0,
+         f"a divisor of --batch-size={c.batch_size} (each device takes an equal share of a batch)"),
         ("curriculum_start", 1 <= c.curriculum_start <= c.num_components,
          f"in [1, --num-components={c.num_components}]"),
         ("unlock_patience", c.unlock_patience >= 1, "an integer >= 1"),

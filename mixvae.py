@@ -683,6 +683,18 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
     return eqx.combine(params, static), opt_state, metrics
 
 
+@eqx.filter_jit
+@eqx.debug.assert_max_traces(max_traces=None)
+def train_replicas(models, opt_states, images, batch_indices, keys, sched, objective, optimizer):
+    """train_epoch of R independent replicas (e.g. seeds) as one compiled call, vmapped over the
+    stacked models and optimizer states, their batch orders [R, S, B] and keys [R]; the images,
+    schedule and objective are shared. Under a data-sharded batch_indices XLA runs it SPMD."""
+    def epoch(model, opt_state, replica_batches, key):
+        return train_epoch(model, opt_state, images, replica_batches, key, sched, objective, optimizer)
+
+    return eqx.filter_vmap(epoch)(models, opt_states, batch_indices, keys)
+
+
 _forward_jit = eqx.filter_jit(forward)
 _aggregate_jit = eqx.filter_jit(aggregate)
 _iw_log_likelihood_jit = eqx.filter_jit(iw_log_likelihood)

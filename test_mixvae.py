@@ -3,6 +3,7 @@ steps, and (further down) the program end to end."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -661,3 +662,75 @@ def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
         train.run(configs.Config(eval_only=True, checkpoint=str(out)))
     with pytest.raises(configs.ConfigError, match="not a run directory"):
         train.run(configs.Config(eval_only=True, checkpoint=str(tmp_path)))
+
+
+# Many seeds in one run (vmapped replicas) and data parallel over devices
+# --------------------------------------------------------------------------------------
+
+
+def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
+    common = ["--epochs", "2", "--hidden-dim", "16", "--num-components", "4", "--eval-iw-samples", "0"]
+    before = eqx.debug.get_num_traces(mixvae.train_replicas)
+    assert train.main(["--out-dir", str(tmp_path / "seeds"), "--seeds", "0", "3", *common]) == 0
+    assert eqx.debug.get_num_traces(mixvae.train_replicas) - before == 1  # one compiled step for all seeds
+    assert train.main(["--out-dir", str(tmp_path / "one"), "--seed", "3", "--split-seed", "0", *common]) == 0
+    seeds_dir = tmp_path / "seeds"
+    per_seed = {seed: json.loads((seeds_dir / f"seed_{seed}" / "summary.json").read_text()) for seed in (0, 3)}
+    for seed in (0, 3):
+        with open(seeds_dir / f"seed_{seed}" / "history.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(row["seed"]) for row in rows] == [seed, seed]
+        assert (seeds_dir / f"seed_{seed}" / "figures" / "contingency.png").is_file()
+    alone = json.loads((tmp_path / "one" / "summary.json").read_text())["evaluation"]
+    for name in ["loss", "neg_elbo", "responsibility_confidence"]:
+        assert per_seed[3]["evaluation"][name] == pytest.approx(alone[name], rel=1e-4), name
+    summary = json.loads((seeds_dir / "summary.json").read_text())
+    assert summary["seeds"] == [0, 3]
+    for name in ["cluster_accuracy", "nmi", "neg_elbo"]:
+        values = [per_seed[seed]["evaluation"][name] for seed in (0, 3)]
+        assert summary["evaluation"][name]["mean"] == pytest.approx(np.mean(values))
+        assert summary["evaluation"][name]["std"] == pytest.approx(np.std(values, ddof=1))
+    report = (seeds_dir / "REPORT.md").read_text()
+    assert "mean ± std" in report and "seed_3/REPORT.md" in report
+    (seeds_dir / "summary.json").unlink()
+    assert train.main(["--eval-only", "--checkpoint", str(seeds_dir)]) == 0
+    assert json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"] == summary["evaluation"]["nmi"]
+
+
+def test_seeds_with_curriculum_and_bad_device_counts_are_refused():
+    with pytest.raises(configs.ConfigError, match="--seeds"):
+        configs.validate(configs.Config(seeds=(0, 1), curriculum=True))
+    with pytest.raises(configs.ConfigError, match="--devices"):
+        configs.validate(configs.Config(devices=3, batch_size=128))
+    with pytest.raises(configs.ConfigError, match="--devices=64 .* sees 1 device"):
+        train.data_mesh(configs.Config(devices=64, batch_size=128))
+
+
+FOUR_DEVICES = """
+import dataclasses, json, sys
+import jax, numpy as np
+import mixvae, train
+from configs import Config
+assert len(jax.devices()) == 4, jax.devices()
+config = Config(epochs=2, eval_iw_samples=0, batch_size=64, num_samples=400, hidden_dim=32, seeds=(0, 1))
+data = train.load_dataset(config)
+keys = train.replica_keys(config.seeds)
+losses = {}
+for devices in (1, 4):
+    c = dataclasses.replace(config, devices=devices)
+    results = train.train(c, data, train.build_replicas(c, 64, keys[:, 0]), keys[:, 1])
+    losses[devices] = [[row[name] for name in ("loss", "val_loss", "val_neg_elbo")] for r in results for row in r.history]
+print(json.dumps(losses))
+"""
+
+
+def test_four_devices_give_the_losses_of_one_device():
+    """Data-parallel SPMD over 4 forced host devices = the same training on 1 device."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    one, four = np.array(losses["1"]), np.array(losses["4"])
+    assert one.shape == (4, 3)  # 2 seeds x 2 epochs
+    np.testing.assert_allclose(four, one, rtol=1e-5)

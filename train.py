@@ -36,6 +36,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_digits
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 from sklearn.model_selection import train_test_split
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import configs
@@ -177,8 +179,13 @@ def read_idx_split(images_path: Path, labels_path: Path) -> Split:
     return Split(images.reshape(len(images), -1), labels.astype(np.int64))
 
 
+def split_seed(config: Config) -> int:
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def load_dataset(config: Config) -> Dataset:
-    """digits: sklearn's 8x8 digits scaled to [0, 1], split train/val/test (stratified, by seed).
+    """digits: sklearn's 8x8 digits scaled to [0, 1], split train/val/test (stratified, by the
+    split seed).
     mnist, fashion-mnist: the official IDX files as uint8; the official test split; --num-samples
     takes a stratified subset of the training split; validation is held out of the training split."""
     if config.dataset == "digits":
@@ -186,7 +193,7 @@ def load_dataset(config: Config) -> Dataset:
         images = (digits.data / 16.0).astype(np.float32)
         labels = digits.target.astype(np.int64)
         rest_x, test_x, rest_y, test_y = train_test_split(
-            images, labels, test_size=DIGITS_TEST_FRACTION, random_state=config.seed, stratify=labels)
+            images, labels, test_size=DIGITS_TEST_FRACTION, random_state=split_seed(config), stratify=labels)
         rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), 8
     else:
         paths = fetch_idx_files(config.dataset, data_dir_of(config))
@@ -195,10 +202,10 @@ def load_dataset(config: Config) -> Dataset:
         side = mixvae.image_side(rest.images.shape[1])
     if config.num_samples is not None and config.num_samples < len(rest.images):
         x, _, y, _ = train_test_split(rest.images, rest.labels, train_size=config.num_samples,
-                                      random_state=config.seed, stratify=rest.labels)
+                                      random_state=split_seed(config), stratify=rest.labels)
         rest = Split(x, y)
     train_x, val_x, train_y, val_y = train_test_split(
-        rest.images, rest.labels, test_size=config.val_split, random_state=config.seed, stratify=rest.labels)
+        rest.images, rest.labels, test_size=config.val_split, random_state=split_seed(config), stratify=rest.labels)
     data = Dataset(config.dataset, Split(train_x, train_y), Split(val_x, val_y), test, side)
     if config.batch_size > len(data.train.images):
         raise ConfigError(f"--batch-size={config.batch_size} is not allowed: must be at most the "
@@ -209,6 +216,53 @@ def load_dataset(config: Config) -> Dataset:
 # --------------------------------------------------------------------------------------
 # Model, objective and schedules from the config
 # --------------------------------------------------------------------------------------
+
+
+def replica_seeds(config: Config) -> tuple[int, ...]:
+    """The seeds trained side by side: --seeds, else --seed alone."""
+    return config.seeds or (config.seed,)
+
+
+def replica_keys(seeds) -> jax.Array:
+    """Per seed s: key(s) split into (init, train, figures, importance sampling) keys -> [R, 4]."""
+    return jax.vmap(lambda seed: jax.random.split(jax.random.key(seed), 4))(jnp.asarray(seeds))
+
+
+def build_replicas(config: Config, input_dim: int, init_keys):
+    """One model per key, stacked on a leading replica axis."""
+    return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(init_keys)
+
+
+def replica(stacked, r: int):
+    """Replica r of a pytree stacked on a leading replica axis."""
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a: a[r], arrays), static)
+
+
+def select_replicas(take, new, old):
+    """Per replica r: new[r] where take[r], else old[r] (pytrees stacked on axis 0)."""
+    arrays, static = eqx.partition(new, eqx.is_array)
+    chosen = jax.tree.map(lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                          arrays, eqx.filter(old, eqx.is_array))
+    return eqx.combine(chosen, static)
+
+
+def data_mesh(config: Config) -> Mesh:
+    """A one-axis ("data") mesh over --devices local devices (default: all of them)."""
+    available = jax.devices()
+    count = len(available) if config.devices is None else config.devices
+    if count > len(available):
+        raise ConfigError(f"--devices={count} is not allowed: this process sees {len(available)} device(s)")
+    if config.batch_size % count:
+        raise ConfigError(f"--batch-size={config.batch_size} is not allowed: it must divide by the {count} "
+                          "devices (set --devices)")
+    return Mesh(np.array(available[:count]), ("data",))
+
+
+def put(tree, sharding):
+    """device_put the arrays of a pytree (an Equinox module, say) with `sharding`."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.device_put(arrays, sharding), static)
 
 
 def build_model(config: Config, input_dim: int, key):
@@ -329,6 +383,8 @@ def to_floats(metrics) -> dict[str, float]:
 
 
 class TrainResult(NamedTuple):
+    """One replica's outcome: its best model and its history."""
+    seed: int
     model: object
     history: list[dict]
     best_epoch: int
@@ -338,20 +394,33 @@ class TrainResult(NamedTuple):
     curriculum: Curriculum | None
 
 
-def train(config: Config, data: Dataset, model, key) -> TrainResult:
-    """Epochs of one compiled call each; early stopping on the monitored validation metric, best
-    model kept; the curriculum, when on, opens channels between epochs."""
+def train(config: Config, data: Dataset, models, keys) -> list[TrainResult]:
+    """Train the stacked replicas `models` (one per seed, keys [R]) with one compiled call per
+    epoch, each batch sharded over the data mesh; per replica, early stopping on the monitored
+    validation metric with its best model kept; the curriculum, when on, opens channels between
+    epochs."""
+    seeds = replica_seeds(config)
+    mesh = data_mesh(config)
+    replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, None, "data"))
     objective = build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    opt_state = mixvae.init_optimizer(optimizer, model)
-    train_images = jax.device_put(data.train.images)
-    val_images = jax.device_put(data.val.images)
-    rng = np.random.default_rng(config.seed)
-    steps = len(data.train.images) // config.batch_size
-    history, epoch_times = [], []
-    best = (np.inf, -1, model, config.num_components)  # (val loss, epoch, model, k_active)
-    since_best = 0
+    models = put(models, replicated)
+    opt_states = put(eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models), replicated)
+    keys = jax.device_put(keys, replicated)
+    train_images = jax.device_put(data.train.images, replicated)
+    val_images = jax.device_put(data.val.images, replicated)
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    num_train, batch_size = len(data.train.images), config.batch_size
+    steps = num_train // batch_size
+    histories, epoch_times = [[] for _ in seeds], []
+    best_models, best_k_active = models, config.num_components
+    best_value, best_epoch = np.full(len(seeds), np.inf), np.full(len(seeds), -1)
+    since_best, running = np.zeros(len(seeds), int), np.ones(len(seeds), bool)
     curriculum = Curriculum.from_config(config)
+
+    def mean(name, rows):  # over the replicas still running
+        return float(np.mean([row[name] for row, on in zip(rows, running) if on]))
+
     start = time.perf_counter()
     bar = tqdm(range(config.epochs), desc="epochs", unit="epoch", leave=False, disable=None)
     for epoch in bar:
@@ -359,42 +428,59 @@ def train(config: Config, data: Dataset, model, key) -> TrainResult:
         k_active = config.num_components if curriculum is None else curriculum.k_active
         kick_active = curriculum is not None and curriculum.kick_left > 0
         sched = schedule(config, epoch, k_active, kick_active)
-        batches = rng.permutation(len(data.train.images))[: steps * config.batch_size]
-        key, epoch_key = jax.random.split(key)
-        model, opt_state, step_metrics = mixvae.train_epoch(
-            model, opt_state, train_images, batches.reshape(steps, config.batch_size), epoch_key,
-            sched, objective, optimizer)
-        epoch_metrics = mixvae.summarize(step_metrics)
-        train_metrics = to_floats(epoch_metrics)
-        val_metrics = to_floats(mixvae.evaluate(model, val_images, sched, objective)[0])
+        batches = np.stack([rng.permutation(num_train)[: steps * batch_size].reshape(steps, batch_size)
+                            for rng in rngs])
+        keys, epoch_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        models, opt_states, step_metrics = mixvae.train_replicas(
+            models, opt_states, train_images, jax.device_put(batches, batch_sharded), epoch_keys, sched,
+            objective, optimizer)
+        epoch_metrics = jax.vmap(mixvae.summarize)(step_metrics)
+        train_metrics = [to_floats(replica(epoch_metrics, r)) for r in range(len(seeds))]
+        val_metrics = [to_floats(mixvae.evaluate(replica(models, r), val_images, sched, objective)[0])
+                       for r in range(len(seeds))]
         epoch_times.append(time.perf_counter() - tick)
-        monitored = val_metrics[config.monitor]
-        unlocked = curriculum is not None and curriculum.update(epoch + 1, monitored)
-        history.append({"epoch": epoch + 1, **train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()},
-                        "unlocked": int(unlocked), "kick_active": int(kick_active),
-                        **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"])}})
-        if not np.isfinite(train_metrics["loss"]):
-            raise FloatingPointError(f"the training loss became {train_metrics['loss']} at epoch {epoch + 1}")
-        if anneals_done(config, epoch) and monitored < best[0]:
-            best, since_best = (monitored, epoch, model, k_active), 0
-        elif anneals_done(config, epoch):
-            since_best += 1
+        monitored = np.array([metrics[config.monitor] for metrics in val_metrics])
+        unlocked = curriculum is not None and curriculum.update(epoch + 1, monitored[0])
+        for r in np.flatnonzero(running):
+            histories[r].append({
+                "epoch": epoch + 1, "seed": seeds[r], **train_metrics[r],
+                **{f"val_{k}": v for k, v in val_metrics[r].items()},
+                "unlocked": int(unlocked), "kick_active": int(kick_active),
+                **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])}})
+        losses = np.array([metrics["loss"] for metrics in train_metrics])
+        if not np.all(np.isfinite(losses[running])):
+            raise FloatingPointError(f"the training loss became {losses} at epoch {epoch + 1}")
+        if anneals_done(config, epoch):
+            improved = running & (monitored < best_value)
+            best_models = select_replicas(jnp.asarray(improved), models, best_models)
+            best_value[improved], best_epoch[improved] = monitored[improved], epoch
+            since_best = np.where(improved, 0, since_best + 1)
+            best_k_active = k_active if improved[0] else best_k_active
         if unlocked:
-            since_best = 0  # early stopping restarts at each unlock
+            since_best[:] = 0  # early stopping restarts at each unlock
         tqdm.write(
-            f"epoch {epoch + 1:3d}/{config.epochs}  loss {train_metrics['loss']:9.3f}  "
-            f"val_loss {val_metrics['loss']:9.3f}  val_conf {val_metrics['responsibility_confidence']:.3f}  "
-            f"val_k_eff {val_metrics['k_eff']:5.2f}  {epoch_times[-1]:6.2f}s"
-            + (f"  k_active {int(train_metrics['k_active'])}" if curriculum else "")
+            f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
+            f"val_loss {mean('loss', val_metrics):9.3f}  val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
+            f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
+            + (f"  (mean of {running.sum()} seeds)" if len(seeds) > 1 else "")
+            + (f"  k_active {k_active}" if curriculum else "")
             + ("  -> unlock" if unlocked else ""))
-        if config.patience and since_best >= config.patience:
-            tqdm.write(f"early stop: no better val_{config.monitor} for {config.patience} epochs")
+        if config.patience:
+            for r in np.flatnonzero(running & (since_best >= config.patience)):
+                tqdm.write(f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
+                           f"val_{config.monitor} for {config.patience} epochs")
+                running[r] = False
+        if not running.any():
             break
     bar.close()
-    _, best_epoch, best_model, best_k_active = best if best[1] >= 0 else (None, len(history) - 1, model, k_active)
+    never_improved = best_epoch < 0  # stopped before the anneals ended: keep the last model
+    best_models = select_replicas(jnp.asarray(never_improved), models, best_models)
+    best_epoch = np.where(never_improved, [len(h) - 1 for h in histories], best_epoch)
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else 0.0
-    return TrainResult(best_model, history, best_epoch + 1, best_k_active, time.perf_counter() - start,
-                       max(0.0, epoch_times[0] - steady), curriculum)
+    training_time, compile_time = time.perf_counter() - start, max(0.0, epoch_times[0] - steady)
+    return [TrainResult(seed, replica(best_models, r), histories[r], int(best_epoch[r]) + 1,
+                        best_k_active if best_epoch[r] >= 0 else k_active, training_time, compile_time, curriculum)
+            for r, seed in enumerate(seeds)]
 
 
 # --------------------------------------------------------------------------------------
@@ -494,7 +580,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty "
                           "directory (choose a new one)")
     try:
-        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: {error.strerror}") from None
 
@@ -572,6 +658,7 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     matplotlib.use("Agg")
 
     figures = {}
+    fig_dir.mkdir(exist_ok=True)
     epochs = [row["epoch"] for row in history]
 
     def save(fig, name, caption, tight=True):
@@ -669,6 +756,11 @@ HEADLINE = ("responsibility_confidence", "component_entropy", "k_eff", "cluster_
             "neg_elbo", "iw_nll")
 
 
+def config_table(config: Config) -> list[str]:
+    return ["## Config", "", "| flag | value |", "|---|---|",
+            *[f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()]]
+
+
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
     training = summary["training"]
     lines = [f"# Run report: {run_dir.name}", "",
@@ -678,8 +770,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
              "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE
                                            if name in summary["evaluation"]) + ".",
              "",
-             "## Config", "", "| flag | value |", "|---|---|"]
-    lines += [f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()]
+             *config_table(config)]
     lines += ["", "## Dataset", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["dataset"].items()]
     lines += ["", "## Training (last epoch)", "", "| metric | train | val | meaning |", "|---|---|---|---|"]
@@ -706,7 +797,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 # --------------------------------------------------------------------------------------
 
 
-def validate_only(config: Config, data: Dataset, run_dir: Path) -> None:
+def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path) -> None:
     model = build_model(config, data.train.images.shape[1], jax.random.key(config.seed))
     x = jax.ShapeDtypeStruct((config.batch_size, data.train.images.shape[1]), jnp.float32)
     loss, _ = eqx.filter_eval_shape(mixvae.loss_fn, model, x, jax.random.key(0), schedule(config, 0),
@@ -715,6 +806,7 @@ def validate_only(config: Config, data: Dataset, run_dir: Path) -> None:
     print(f"config ok: {data.name}, {len(data.train.images)} training images, K={config.num_components}, "
           f"D={config.latent_dim}, c-regularizer {config.c_regularizer}")
     print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
+    print(f"seeds {' '.join(map(str, replica_seeds(config)))}; each batch sharded over {mesh.size} device(s)")
     print(f"would write the run to {run_dir}/ (nothing trained, nothing written)")
 
 
@@ -723,44 +815,113 @@ def run(config: Config) -> Path:
     if config.eval_only:
         return reevaluate(config)
     data = load_dataset(config)
+    mesh = data_mesh(config)
     run_dir = resolve_run_dir(config)
     if config.validate_only:
-        validate_only(config, data, run_dir)
+        validate_only(config, data, mesh, run_dir)
         return run_dir
     prepare_run_dir(run_dir)
     write_json(run_dir / "config.json", dataclasses.asdict(config))
-    init_key, train_key, figure_key, iw_key = jax.random.split(jax.random.key(config.seed), 4)
-    model = build_model(config, data.train.images.shape[1], init_key)
-    print(f"run directory: {run_dir}")
-    result = train(config, data, model, train_key)
-    write_history(run_dir / "history.csv", result.history)
-    save_checkpoint(run_dir, result.model, config, result.best_epoch)
-    evaluate_and_report(run_dir, config, data, result, iw_key, figure_key)
+    seeds = replica_seeds(config)
+    keys = replica_keys(seeds)  # [R, 4]: init, train, figures, importance sampling
+    models = build_replicas(config, data.train.images.shape[1], keys[:, 0])
+    print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds, vmapped)" if len(seeds) > 1 else ""))
+    results = train(config, data, models, keys[:, 1])
+    summaries = []
+    for result, (_, _, figure_key, iw_key) in zip(results, keys):
+        seed_dir, seed_config = run_dir, config
+        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
+            seed_dir = run_dir / f"seed_{result.seed}"
+            seed_dir.mkdir()
+            seed_config = dataclasses.replace(config, seed=result.seed, seeds=(), split_seed=split_seed(config))
+            write_json(seed_dir / "config.json", dataclasses.asdict(seed_config))
+        write_history(seed_dir / "history.csv", result.history)
+        save_checkpoint(seed_dir, result.model, seed_config, result.best_epoch)
+        summaries.append(evaluate_and_report(seed_dir, seed_config, data, result, iw_key, figure_key))
+    if len(seeds) > 1:
+        write_seeds_report(run_dir, config, summaries)
     return run_dir
 
 
 def evaluate_and_report(run_dir: Path, config: Config, data: Dataset, result: TrainResult, iw_key, figure_key):
-    """Test evaluation of the best model, then summary.json, the figures and REPORT.md."""
+    """Test evaluation of the best model, then summary.json, the figures and REPORT.md; returns
+    the summary."""
     evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active, iw_key)
     summary = summary_of(config, data, result, evaluation_metrics)
     write_json(run_dir / "summary.json", summary)
     figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
     write_report(run_dir, config, summary, figures)
-    print("test: " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE
-                               if name in evaluation_metrics))
+    print(f"test (seed {config.seed}): " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE
+                                                    if name in evaluation_metrics))
     print(f"report: {run_dir / 'REPORT.md'}")
+    return summary
+
+
+def seeds_summary(config: Config, summaries: list[dict]) -> dict:
+    """Mean and sample standard deviation (ddof=1) of every numeric test metric over the seeds."""
+    metrics = [name for name, value in summaries[0]["evaluation"].items() if isinstance(value, float)]
+    values = {name: np.array([summary["evaluation"][name] for summary in summaries]) for name in metrics}
+    return {
+        "seeds": list(config.seeds),
+        "evaluation": {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))} for name, v in values.items()},
+        "per_seed": {str(seed): f"seed_{seed}/summary.json" for seed in config.seeds},
+        "training": {"training_time_sec": summaries[0]["training"]["training_time_sec"],
+                     "compile_time_sec": summaries[0]["training"]["compile_time_sec"],
+                     "best_epoch": [summary["training"]["best_epoch"] for summary in summaries]},
+        "dataset": summaries[0]["dataset"],
+    }
+
+
+def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> None:
+    """summary.json and REPORT.md of a --seeds run: mean +- std over seeds, and every seed."""
+    summary = seeds_summary(config, summaries)
+    write_json(run_dir / "summary.json", summary)
+    seeds = config.seeds
+    lines = [f"# Run report: {run_dir.name} ({len(seeds)} seeds)", "",
+             f"Objective: c-regularizer `{config.c_regularizer}`; seeds {', '.join(map(str, seeds))} trained as vmapped "
+             f"replicas in one process ({summary['training']['training_time_sec']:.1f} s), all on the data split of "
+             f"seed {split_seed(config)}. Each seed's own report: "
+             + ", ".join(f"[seed {seed}](seed_{seed}/REPORT.md)" for seed in seeds) + ".", "",
+             "## Evaluation (test split, best model per seed; std is the sample std, ddof=1)", "",
+             "| metric | mean ± std | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    lines += [f"| `{name}` | {stats['mean']:.4g} ± {stats['std']:.2g} | "
+              + " | ".join(f"{s['evaluation'][name]:.4g}" for s in summaries) + " |"
+              for name, stats in summary["evaluation"].items()]
+    lines += ["", *config_table(config)]
+    atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
+    print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
+
+
+def config_from_json(saved: dict) -> Config:
+    return Config(**{**saved, "seeds": tuple(saved.get("seeds", ()))})
 
 
 def reevaluate(config: Config) -> Path:
-    """--eval-only --checkpoint RUN_DIR: evaluate the saved best model again (with this call's
-    --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training."""
+    """--eval-only --checkpoint RUN_DIR: evaluate the saved best model(s) again (with this call's
+    --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training. A
+    --seeds run is re-evaluated seed by seed, then its mean +- std report is rewritten."""
     run_dir = Path(config.checkpoint)
+    try:
+        saved = config_from_json(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, TypeError, ValueError):
+        saved = None  # reevaluate_run names what is missing
+    if saved is None or len(saved.seeds) <= 1:
+        reevaluate_run(run_dir, config)
+        return run_dir
+    summaries = [reevaluate_run(run_dir / f"seed_{seed}", config) for seed in saved.seeds]
+    write_seeds_report(run_dir, dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples), summaries)
+    return run_dir
+
+
+def reevaluate_run(run_dir: Path, config: Config) -> dict:
+    """Re-evaluate one seed's run directory; returns its new summary."""
     needed = ["checkpoint.eqx", "checkpoint.json", "summary.json", "history.csv"]
     if not all((run_dir / name).is_file() for name in needed):
         raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: not a run directory (it needs "
                           f"{', '.join(needed)})")
     try:
-        saved = Config(**json.loads((run_dir / "checkpoint.json").read_text())["config"])
+        saved = config_from_json(json.loads((run_dir / "checkpoint.json").read_text())["config"])
         saved = configs.validate(dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples))
         summary = json.loads((run_dir / "summary.json").read_text())
         with open(run_dir / "history.csv") as f:
@@ -781,10 +942,9 @@ def reevaluate(config: Config) -> Path:
         curriculum.unlock_epochs = summary["curriculum"]["unlock_epochs"]
     training = summary["training"]
     best_k_active = summary.get("curriculum", {}).get("best_model_k_active", saved.num_components)
-    result = TrainResult(model, history, training["best_epoch"], best_k_active, training["training_time_sec"],
+    result = TrainResult(saved.seed, model, history, training["best_epoch"], best_k_active, training["training_time_sec"],
                          training["compile_time_sec"], curriculum)
-    evaluate_and_report(run_dir, saved, data, result, iw_key, figure_key)
-    return run_dir
+    return evaluate_and_report(run_dir, saved, data, result, iw_key, figure_key)
 
 
 def enable_compilation_cache() -> None:
