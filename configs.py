@@ -30,6 +30,16 @@ class Config:
     figures and REPORT.md."""
     checkpoint: Optional[str] = None
     """The run directory that --eval-only evaluates."""
+    resume: Optional[str] = None
+    """Continue the run in this directory, in place, up to --epochs in total, from its last
+    checkpoint. Its config.json gives every setting but --epochs (this call's), and
+    --checkpoint-every and --eval-iw-samples when this call sets them."""
+    checkpoint_every: int = 10
+    """Save the full training state (models, optimizer states, keys, shufflers, early-stopping
+    and curriculum state, history) every this many epochs, and always at the end or when
+    interrupted (0: only then)."""
+    overwrite: bool = False
+    """Replace an existing run directory given as --out-dir (only one that holds a config.json)."""
     seed: int = 0
     """Seed of the initialisation, the shuffling and the noise (and of the data split, unless
     --split-seed is given)."""
@@ -199,6 +209,7 @@ def validate(config: Config) -> Config:
         ("batch_size", c.batch_size >= 1, "an integer >= 1"),
         ("epochs", c.epochs >= 1, "an integer >= 1"),
         ("patience", c.patience >= 0, ">= 0"),
+        ("checkpoint_every", c.checkpoint_every >= 0, ">= 0"),
         ("seeds", len(set(c.seeds)) == len(c.seeds), "distinct integers"),
         ("seeds", len(c.seeds) <= 1 or not c.curriculum, "a single seed with --curriculum (its unlocks are per run)"),
         ("devices", c.devices is None or c.devices >= 1, "an integer >= 1 (or unset)"),

@@ -655,11 +655,12 @@ def to_unit_interval(images):
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def train_step(model, opt_state, x, key, sched, objective, optimizer):
-    """One gradient step on batch x: returns (model, opt_state, metrics)."""
+    """One gradient step on batch x: returns (model, opt_state, metrics + the gradient's global norm
+    before clipping, grad_norm)."""
     (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, x, key, sched, objective)
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return eqx.apply_updates(model, updates), opt_state, metrics
+    return eqx.apply_updates(model, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 @eqx.filter_jit

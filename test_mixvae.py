@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy.special import logsumexp as np_logsumexp
 from scipy.stats import multivariate_normal
 
@@ -707,18 +710,18 @@ def test_seeds_with_curriculum_and_bad_device_counts_are_refused():
 
 
 FOUR_DEVICES = """
-import dataclasses, json, sys
+import dataclasses, json, sys, tempfile
+from pathlib import Path
 import jax, numpy as np
 import mixvae, train
 from configs import Config
 assert len(jax.devices()) == 4, jax.devices()
 config = Config(epochs=2, eval_iw_samples=0, batch_size=64, num_samples=400, hidden_dim=32, seeds=(0, 1))
 data = train.load_dataset(config)
-keys = train.replica_keys(config.seeds)
 losses = {}
 for devices in (1, 4):
     c = dataclasses.replace(config, devices=devices)
-    results = train.train(c, data, train.build_replicas(c, 64, keys[:, 0]), keys[:, 1])
+    results, _ = train.train(c, data, train.initial_state(c, 64), Path(tempfile.mkdtemp()))
     losses[devices] = [[row[name] for name in ("loss", "val_loss", "val_neg_elbo")] for r in results for row in r.history]
 print(json.dumps(losses))
 """
@@ -734,3 +737,191 @@ def test_four_devices_give_the_losses_of_one_device():
     one, four = np.array(losses["1"]), np.array(losses["4"])
     assert one.shape == (4, 3)  # 2 seeds x 2 epochs
     np.testing.assert_allclose(four, one, rtol=1e-5)
+
+
+# Nothing lost: checkpoints, resume, signals, divergence, hostile input
+# --------------------------------------------------------------------------------------
+
+SMALL_RUN = ["--hidden-dim", "16", "--num-components", "4", "--eval-iw-samples", "0"]
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(["--out-dir", str(straight), "--epochs", "6", *SMALL_RUN]) == 0
+    assert train.main(["--out-dir", str(resumed), "--epochs", "3", "--checkpoint-every", "1", *SMALL_RUN]) == 0
+    assert len((resumed / "history.csv").read_text().splitlines()) == 1 + 3
+    assert train.main(["--resume", str(resumed), "--epochs", "6"]) == 0
+    assert (resumed / "history.csv").read_bytes() == (straight / "history.csv").read_bytes()
+    assert (resumed / "checkpoint.eqx").read_bytes() == (straight / "checkpoint.eqx").read_bytes()
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, resumed))
+    assert b["status"] == "finished" and b["evaluation"] == a["evaluation"]
+    assert json.loads((resumed / "config.json").read_text())["epochs"] == 6
+
+
+def test_checkpoint_is_written_atomically_and_every_n_epochs(tmp_path, monkeypatch):
+    saved_after = []
+    real_save = train.save_state
+    monkeypatch.setattr(train, "save_state", lambda run_dir, config, state: (
+        saved_after.append(state.epoch), real_save(run_dir, config, state)))
+    out = tmp_path / "run"
+    assert train.main(["--out-dir", str(out), "--epochs", "5", "--checkpoint-every", "2", *SMALL_RUN]) == 0
+    assert saved_after == [2, 4, 5]  # every 2 epochs, then at the end
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    before = (out / "train_state.ckpt").read_bytes()
+
+    def crash(f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train.atomic_write(out / "train_state.ckpt", crash)
+    assert (out / "train_state.ckpt").read_bytes() == before  # the previous checkpoint is intact
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT, SIGTERM
+def test_a_signal_after_the_first_epoch_checkpoints_reports_and_exits_nonzero(tmp_path, signum):
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--out-dir", str(out), "--epochs", "500",
+                              "--patience", "0", *SMALL_RUN], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in child.stdout:
+        if line.startswith("epoch   1/"):
+            child.send_signal(signum)
+            break
+    _, stderr = child.communicate(timeout=180)
+    assert child.returncode == 128 + signum, stderr[-2000:]
+    assert f"--resume {out}" in stderr and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["training"]["epochs_completed"] < 500
+    assert "Status: interrupted" in (out / "REPORT.md").read_text()
+    completed = summary["training"]["epochs_completed"]
+    assert train.main(["--resume", str(out), "--epochs", str(completed + 1)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["training"]["epochs_completed"] == completed + 1
+
+
+def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_the_last_good_state(tmp_path, monkeypatch):
+    real_step, calls = mixvae.train_replicas, []
+
+    def poisoned(*args):
+        models, opt_states, metrics = real_step(*args)
+        calls.append(1)
+        if len(calls) == 3:  # the third epoch's loss is NaN
+            metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
+        return models, opt_states, metrics
+
+    monkeypatch.setattr(mixvae, "train_replicas", poisoned)
+    out = tmp_path / "run"
+    assert train.main(["--out-dir", str(out), "--epochs", "6", "--checkpoint-every", "1", *SMALL_RUN]) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "loss became non-finite in epoch 3" in summary["status_detail"]
+    assert summary["training"]["epochs_completed"] == 2
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(np.isfinite(float(v)) for row in rows for v in row.values())
+    assert all(np.isfinite(v) for v in summary["evaluation"].values() if isinstance(v, float))
+    with open(out / "train_state.ckpt", "rb") as f:
+        assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["epoch"] == 2  # the last good epoch
+
+
+def test_hostile_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--out-dir", str(run), "--epochs", "1", *SMALL_RUN]) == 0
+    state = (run / "train_state.ckpt").read_bytes()
+
+    def error_of(*args):  # main turns every expected failure into exit 2 and one line on stderr
+        capsys.readouterr()
+        assert train.main(list(args)) == 2
+        stderr = capsys.readouterr().err.strip()
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+        return stderr
+
+    assert "not a run directory" in error_of("--resume", str(tmp_path / "nothing"))
+    other = tmp_path / "other"
+    assert train.main(["--out-dir", str(other), "--epochs", "1", *SMALL_RUN[:2], "--num-components", "5",
+                       "--eval-iw-samples", "0"]) == 0
+    (run / "train_state.ckpt").write_bytes((other / "train_state.ckpt").read_bytes())
+    assert "another configuration (--num-components differ)" in error_of("--resume", str(run), "--epochs", "2")
+    (run / "train_state.ckpt").write_bytes(state[: len(state) // 2])
+    assert "truncated" in error_of("--resume", str(run), "--epochs", "2")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{oops")
+    assert "config.json does not parse" in error_of("--resume", str(tmp_path / "bad"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert "--out-dir" in error_of("--out-dir", str(blocker / "run"), "--epochs", "1")
+    history = (other / "history.csv").read_text()
+    assert "--overwrite" in error_of("--out-dir", str(other), "--epochs", "1")
+    assert (other / "history.csv").read_text() == history
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("precious")
+    assert "--overwrite" in error_of("--out-dir", str(tmp_path / "keep"), "--overwrite", "--epochs", "1")
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "precious"
+    assert train.main(["--out-dir", str(other), "--overwrite", "--epochs", "2", *SMALL_RUN]) == 0
+    assert len((other / "history.csv").read_text().splitlines()) == 1 + 2
+
+
+# Property-based: random valid configurations and random inputs of the loss terms
+# --------------------------------------------------------------------------------------
+
+positive = st.floats(1e-3, 50.0)
+
+
+@st.composite
+def valid_flags(draw):
+    """Command-line flags of a random configuration inside the validated ranges."""
+    k = draw(st.integers(1, 12))
+    tau = draw(st.floats(0.05, 5.0))
+    flags = {
+        "--num-components": k, "--latent-dim": draw(st.integers(1, 6)), "--hidden-dim": draw(st.integers(1, 48)),
+        "--latent-layout": draw(st.sampled_from(mixvae.LATENT_LAYOUTS)),
+        "--encoder": draw(st.sampled_from(mixvae.ENCODERS)), "--decoder": draw(st.sampled_from(mixvae.DECODERS)),
+        "--decoder-conditioning": draw(st.sampled_from(mixvae.CONDITIONINGS)),
+        "--likelihood": draw(st.sampled_from(mixvae.LIKELIHOODS)), "--router": draw(st.sampled_from(mixvae.ROUTERS)),
+        "--c-regularizer": draw(st.sampled_from(mixvae.C_REGULARIZERS)),
+        "--prior-mean": draw(st.floats(-20, 20)), "--prior-sigma": draw(positive),
+        "--prior-weight": draw(st.floats(0, 10)), "--kl-c-weight": draw(st.floats(0, 10)),
+        "--beta-z": draw(st.floats(0, 10)), "--diversity-weight": draw(st.floats(-100, 100)),
+        "--logit-init-scale": draw(positive), "--gumbel-temperature": tau,
+        "--gumbel-temperature-min": draw(st.floats(0.01, 1.0)) * tau, "--batch-size": draw(st.integers(1, 256)),
+        "--learning-rate": draw(st.floats(1e-6, 1.0)), "--val-split": draw(st.floats(0.05, 0.5)),
+    }
+    args = [str(item) for pair in flags.items() for item in pair]
+    if draw(st.booleans()):
+        args += ["--learnable-pi", "--dirichlet-alpha", str(draw(positive))]
+    if draw(st.booleans()):
+        args += ["--curriculum", "--curriculum-start", str(draw(st.integers(1, k)))]
+    else:
+        args += ["--seeds", *map(str, draw(st.lists(st.integers(0, 99), min_size=1, max_size=4, unique=True)))]
+    return args
+
+
+@settings(max_examples=12, deadline=None)
+@given(valid_flags())
+def test_random_valid_configurations_pass_validate_only(tmp_path_factory, args):
+    out = tmp_path_factory.mktemp("validate") / "run"
+    assert train.main([*args, "--validate-only", "--out-dir", str(out)]) == 0
+    assert not out.exists()
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 8), data=st.data())
+def test_loss_terms_are_finite_for_random_logits_masks_and_sigmas(k, data):
+    logits = data.draw(hnp.arrays(np.float32, (3, k), elements=st.floats(-1e4, 1e4, width=32)))
+    mask = data.draw(hnp.arrays(np.bool_, (k,)).filter(np.any))
+    sigma, mean = data.draw(st.floats(1e-3, 1e3)), data.draw(st.floats(-50, 50))
+    temperature = data.draw(st.floats(0.05, 10.0))
+
+    def terms(y):
+        routing = mixvae.route(y, jax.random.key(0), temperature=temperature, mode="gumbel", active_mask=mask)
+        log_prior = mixvae.logit_mog_log_prior(y, mean=mean, sigma=sigma, active_mask=mask)
+        kl = mixvae.categorical_kl(routing.responsibilities, jnp.full(k, 1.0 / k), mask)
+        return jnp.sum(log_prior) + jnp.sum(kl) + jnp.sum(routing.weights * y), (routing, log_prior, kl)
+
+    (_, (routing, log_prior, kl)), grad = jax.value_and_grad(terms, has_aux=True)(jnp.asarray(logits))
+    assert np.all(np.isfinite(log_prior)) and np.all(np.isfinite(kl)) and np.all(np.asarray(kl) > -1e-5)
+    assert np.all(np.isfinite(grad))
+    weights = np.asarray(routing.weights)
+    assert np.all(np.isfinite(weights)) and np.all(weights[:, ~mask] == 0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)

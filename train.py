@@ -17,8 +17,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import zlib
@@ -394,93 +397,240 @@ class TrainResult(NamedTuple):
     curriculum: Curriculum | None
 
 
-def train(config: Config, data: Dataset, models, keys) -> list[TrainResult]:
-    """Train the stacked replicas `models` (one per seed, keys [R]) with one compiled call per
+@dataclasses.dataclass
+class TrainState:
+    """Everything the training loop carries from one epoch to the next, for R replicas: what a
+    checkpoint holds, so that a resumed run continues bit for bit."""
+
+    epoch: int  # epochs completed
+    models: object  # replicas stacked on axis 0
+    opt_states: object
+    keys: jax.Array  # [R] PRNG keys
+    best_models: object
+    rngs: list  # per replica, the numpy Generator that shuffles its batches
+    best_value: np.ndarray  # [R] best monitored validation value
+    best_epoch: np.ndarray  # [R] its epoch (0-based), -1 before the anneals end
+    since_best: np.ndarray  # [R] epochs without improvement
+    running: np.ndarray  # [R] not early-stopped
+    best_k_active: int
+    curriculum: Curriculum | None
+    histories: list  # per replica, one dict per epoch
+
+
+def initial_state(config: Config, input_dim: int) -> TrainState:
+    """Fresh replicas, one per seed: models from each seed's init key, training keys, shufflers."""
+    seeds = replica_seeds(config)
+    keys = replica_keys(seeds)  # [R, 4]: init, train, figures, importance sampling
+    models = build_replicas(config, input_dim, keys[:, 0])
+    optimizer = mixvae.make_optimizer(config.learning_rate)
+    opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
+    count = len(seeds)
+    return TrainState(0, models, opt_states, keys[:, 1], models, [np.random.default_rng(seed) for seed in seeds],
+                      np.full(count, np.inf), np.full(count, -1), np.zeros(count, int), np.ones(count, bool),
+                      config.num_components, Curriculum.from_config(config), [[] for _ in seeds])
+
+
+STATE_FILE = "train_state.ckpt"
+
+
+def save_state(run_dir: Path, config: Config, state: TrainState) -> None:
+    """One file, written atomically: a JSON header (config, counters, shuffler states, curriculum,
+    histories) then the arrays (models, optimizer states, keys, best models) as Equinox leaves."""
+    header = json.dumps({
+        "config": dataclasses.asdict(config), "epoch": state.epoch,
+        "rngs": [rng.bit_generator.state for rng in state.rngs], "best_value": state.best_value.tolist(),
+        "best_epoch": state.best_epoch.tolist(), "since_best": state.since_best.tolist(),
+        "running": state.running.tolist(), "best_k_active": state.best_k_active,
+        "curriculum": None if state.curriculum is None else dataclasses.asdict(state.curriculum),
+        "histories": state.histories}).encode()
+
+    def write(f):
+        f.write(len(header).to_bytes(8, "little") + header)
+        eqx.tree_serialise_leaves(f, state_arrays(state))
+
+    atomic_write(run_dir / STATE_FILE, write)
+
+
+def state_arrays(state: TrainState):
+    return (state.models, state.opt_states, jax.random.key_data(state.keys), state.best_models)
+
+
+def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
+    """The state saved by save_state, checked against `config`; ConfigError when it is missing,
+    truncated or from another configuration."""
+    path = run_dir / STATE_FILE
+    problem = f"--resume={str(run_dir)!r} is not allowed: {path.name}"
+    if not path.is_file():
+        raise ConfigError(f"{problem} is missing (not a run directory, or no checkpoint was written yet)")
+    fresh = initial_state(config, input_dim)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            # what may change between a run and its resumption: where it lives, how long it runs
+            may_change = ("out_dir", "name", "overwrite", "epochs", "checkpoint_every", "eval_iw_samples")
+            saved = dataclasses.replace(config_from_json(header["config"]),
+                                        **{name: getattr(config, name) for name in may_change})
+            if saved != config:
+                changed = [k for k, v in dataclasses.asdict(config).items() if dataclasses.asdict(saved)[k] != v]
+                raise ConfigError(f"{problem} was written by another configuration "
+                                  f"({', '.join(configs.flag(k) for k in changed)} differ)")
+            models, opt_states, key_data, best_models = eqx.tree_deserialise_leaves(f, state_arrays(fresh))
+            if f.read(1):
+                raise ValueError("trailing bytes")
+    except ConfigError:
+        raise
+    except Exception as error:  # truncated or foreign: json, equinox and numpy raise several kinds
+        raise ConfigError(f"{problem} is truncated or does not match the run's config ({type(error).__name__})") from None
+    rngs = [np.random.default_rng() for _ in header["rngs"]]
+    for rng, rng_state in zip(rngs, header["rngs"]):
+        rng.bit_generator.state = rng_state
+    curriculum = None if header["curriculum"] is None else Curriculum(**header["curriculum"])
+    return TrainState(header["epoch"], models, opt_states, jax.random.wrap_key_data(key_data), best_models, rngs,
+                      np.array(header["best_value"]), np.array(header["best_epoch"]), np.array(header["since_best"]),
+                      np.array(header["running"]), header["best_k_active"], curriculum, header["histories"])
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: note it and let the current epoch finish (a second
+    signal stops at once)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # the second one: stop now
+            signal.default_int_handler(signum, frame)
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this epoch (again to stop at once)")
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Outcome(NamedTuple):
+    """How training ended: status finished | interrupted | diverged, and one line saying why."""
+    status: str
+    detail: str
+    signal: int | None = None
+
+
+def non_finite(epoch_metrics, val_metrics, running) -> str | None:
+    """The first training (incl. grad_norm) or validation metric that is NaN or inf in a running replica."""
+    for name, value in epoch_metrics.items():
+        if not np.all(np.isfinite(np.asarray(value)[running])):
+            return name
+    for r in np.flatnonzero(running):
+        for name, value in val_metrics[r].items():
+            if not np.isfinite(value):
+                return f"val_{name}"
+    return None
+
+
+def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tuple[list[TrainResult], Outcome]:
+    """Train the stacked replicas of `state` from its epoch to --epochs, one compiled call per
     epoch, each batch sharded over the data mesh; per replica, early stopping on the monitored
     validation metric with its best model kept; the curriculum, when on, opens channels between
-    epochs."""
+    epochs. Saves the state every --checkpoint-every epochs, at the end and when interrupted;
+    stops without saving when a metric becomes non-finite."""
     seeds = replica_seeds(config)
     mesh = data_mesh(config)
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, None, "data"))
     objective = build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    models = put(models, replicated)
-    opt_states = put(eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models), replicated)
-    keys = jax.device_put(keys, replicated)
+    state.models, state.opt_states, state.best_models = (
+        put(tree, replicated) for tree in (state.models, state.opt_states, state.best_models))
+    state.keys = jax.device_put(state.keys, replicated)
     train_images = jax.device_put(data.train.images, replicated)
     val_images = jax.device_put(data.val.images, replicated)
-    rngs = [np.random.default_rng(seed) for seed in seeds]
     num_train, batch_size = len(data.train.images), config.batch_size
     steps = num_train // batch_size
-    histories, epoch_times = [[] for _ in seeds], []
-    best_models, best_k_active = models, config.num_components
-    best_value, best_epoch = np.full(len(seeds), np.inf), np.full(len(seeds), -1)
-    since_best, running = np.zeros(len(seeds), int), np.ones(len(seeds), bool)
-    curriculum = Curriculum.from_config(config)
+    epoch_times, outcome = [], Outcome("finished", "")
+    k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
 
     def mean(name, rows):  # over the replicas still running
-        return float(np.mean([row[name] for row, on in zip(rows, running) if on]))
+        return float(np.mean([row[name] for row, on in zip(rows, state.running) if on]))
 
     start = time.perf_counter()
-    bar = tqdm(range(config.epochs), desc="epochs", unit="epoch", leave=False, disable=None)
-    for epoch in bar:
-        tick = time.perf_counter()
-        k_active = config.num_components if curriculum is None else curriculum.k_active
-        kick_active = curriculum is not None and curriculum.kick_left > 0
-        sched = schedule(config, epoch, k_active, kick_active)
-        batches = np.stack([rng.permutation(num_train)[: steps * batch_size].reshape(steps, batch_size)
-                            for rng in rngs])
-        keys, epoch_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-        models, opt_states, step_metrics = mixvae.train_replicas(
-            models, opt_states, train_images, jax.device_put(batches, batch_sharded), epoch_keys, sched,
-            objective, optimizer)
-        epoch_metrics = jax.vmap(mixvae.summarize)(step_metrics)
-        train_metrics = [to_floats(replica(epoch_metrics, r)) for r in range(len(seeds))]
-        val_metrics = [to_floats(mixvae.evaluate(replica(models, r), val_images, sched, objective)[0])
-                       for r in range(len(seeds))]
-        epoch_times.append(time.perf_counter() - tick)
-        monitored = np.array([metrics[config.monitor] for metrics in val_metrics])
-        unlocked = curriculum is not None and curriculum.update(epoch + 1, monitored[0])
-        for r in np.flatnonzero(running):
-            histories[r].append({
-                "epoch": epoch + 1, "seed": seeds[r], **train_metrics[r],
-                **{f"val_{k}": v for k, v in val_metrics[r].items()},
-                "unlocked": int(unlocked), "kick_active": int(kick_active),
-                **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])}})
-        losses = np.array([metrics["loss"] for metrics in train_metrics])
-        if not np.all(np.isfinite(losses[running])):
-            raise FloatingPointError(f"the training loss became {losses} at epoch {epoch + 1}")
-        if anneals_done(config, epoch):
-            improved = running & (monitored < best_value)
-            best_models = select_replicas(jnp.asarray(improved), models, best_models)
-            best_value[improved], best_epoch[improved] = monitored[improved], epoch
-            since_best = np.where(improved, 0, since_best + 1)
-            best_k_active = k_active if improved[0] else best_k_active
-        if unlocked:
-            since_best[:] = 0  # early stopping restarts at each unlock
-        tqdm.write(
-            f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
-            f"val_loss {mean('loss', val_metrics):9.3f}  val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
-            f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
-            + (f"  (mean of {running.sum()} seeds)" if len(seeds) > 1 else "")
-            + (f"  k_active {k_active}" if curriculum else "")
-            + ("  -> unlock" if unlocked else ""))
-        if config.patience:
-            for r in np.flatnonzero(running & (since_best >= config.patience)):
-                tqdm.write(f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
-                           f"val_{config.monitor} for {config.patience} epochs")
-                running[r] = False
-        if not running.any():
-            break
-    bar.close()
-    never_improved = best_epoch < 0  # stopped before the anneals ended: keep the last model
-    best_models = select_replicas(jnp.asarray(never_improved), models, best_models)
-    best_epoch = np.where(never_improved, [len(h) - 1 for h in histories], best_epoch)
+    with StopRequest() as stop, tqdm(total=config.epochs, initial=state.epoch, desc="epochs", unit="epoch",
+                                     leave=False, disable=None) as bar:
+        while state.epoch < config.epochs and state.running.any():
+            tick, epoch = time.perf_counter(), state.epoch
+            k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
+            kick_active = state.curriculum is not None and state.curriculum.kick_left > 0
+            sched = schedule(config, epoch, k_active, kick_active)
+            batches = np.stack([rng.permutation(num_train)[: steps * batch_size].reshape(steps, batch_size)
+                                for rng in state.rngs])
+            keys, epoch_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
+            models, opt_states, step_metrics = mixvae.train_replicas(
+                state.models, state.opt_states, train_images, jax.device_put(batches, batch_sharded), epoch_keys, sched,
+                objective, optimizer)
+            epoch_metrics = jax.vmap(mixvae.summarize)(step_metrics)
+            train_metrics = [to_floats(replica(epoch_metrics, r)) for r in range(len(seeds))]
+            val_metrics = [to_floats(mixvae.evaluate(replica(models, r), val_images, sched, objective)[0])
+                           for r in range(len(seeds))]
+            epoch_times.append(time.perf_counter() - tick)
+            bad = non_finite(epoch_metrics, val_metrics, state.running)
+            if bad is not None:  # keep the last good state, history and checkpoint
+                outcome = Outcome("diverged", f"{bad} became non-finite in epoch {epoch + 1}")
+                break
+            state.epoch, state.models, state.opt_states, state.keys = epoch + 1, models, opt_states, keys
+            monitored = np.array([metrics[config.monitor] for metrics in val_metrics])
+            unlocked = state.curriculum is not None and state.curriculum.update(epoch + 1, monitored[0])
+            for r in np.flatnonzero(state.running):
+                state.histories[r].append({
+                    "epoch": epoch + 1, "seed": seeds[r], **train_metrics[r],
+                    "grad_norm": float(epoch_metrics["grad_norm"][r]),
+                    **{f"val_{k}": v for k, v in val_metrics[r].items()},
+                    "unlocked": int(unlocked), "kick_active": int(kick_active),
+                    **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])}})
+            if anneals_done(config, epoch):
+                improved = state.running & (monitored < state.best_value)
+                state.best_models = select_replicas(jnp.asarray(improved), models, state.best_models)
+                state.best_value[improved], state.best_epoch[improved] = monitored[improved], epoch
+                state.since_best = np.where(improved, 0, state.since_best + 1)
+                state.best_k_active = k_active if improved[0] else state.best_k_active
+            if unlocked:
+                state.since_best[:] = 0  # early stopping restarts at each unlock
+            tqdm.write(
+                f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
+                f"val_loss {mean('loss', val_metrics):9.3f}  "
+                f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
+                f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
+                + (f"  (mean of {state.running.sum()} seeds)" if len(seeds) > 1 else "")
+                + (f"  k_active {k_active}" if state.curriculum else "")
+                + ("  -> unlock" if unlocked else ""))
+            if config.patience:
+                for r in np.flatnonzero(state.running & (state.since_best >= config.patience)):
+                    tqdm.write(f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
+                               f"val_{config.monitor} for {config.patience} epochs")
+                    state.running[r] = False
+            bar.update()
+            if stop.signal is not None:
+                outcome = Outcome("interrupted", f"{signal.Signals(stop.signal).name} after epoch {state.epoch}",
+                                  stop.signal)
+                break
+            if config.checkpoint_every and state.epoch % config.checkpoint_every == 0:
+                save_state(run_dir, config, state)
+    if outcome.status != "diverged":
+        save_state(run_dir, config, state)
+    never_improved = state.best_epoch < 0  # stopped before the anneals ended: keep the last model
+    best_models = select_replicas(jnp.asarray(never_improved), state.models, state.best_models)
+    best_epoch = np.where(never_improved, [len(h) - 1 for h in state.histories], state.best_epoch)
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else 0.0
-    training_time, compile_time = time.perf_counter() - start, max(0.0, epoch_times[0] - steady)
-    return [TrainResult(seed, replica(best_models, r), histories[r], int(best_epoch[r]) + 1,
-                        best_k_active if best_epoch[r] >= 0 else k_active, training_time, compile_time, curriculum)
-            for r, seed in enumerate(seeds)]
+    training_time = time.perf_counter() - start
+    compile_time = max(0.0, epoch_times[0] - steady) if epoch_times else 0.0
+    return [TrainResult(seed, replica(best_models, r), state.histories[r], int(best_epoch[r]) + 1,
+                        state.best_k_active if state.best_epoch[r] >= 0 else k_active, training_time, compile_time,
+                        state.curriculum)
+            for r, seed in enumerate(seeds)], outcome
 
 
 # --------------------------------------------------------------------------------------
@@ -541,6 +691,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # as a plain open() would leave it, not mkstemp's 0o600
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -574,22 +725,30 @@ def resolve_run_dir(config: Config) -> Path:
     return Path("runs") / f"{stamp}-{config.name or config.preset or config.c_regularizer}"
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run directory; refuse one that holds files already."""
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory and check that it is writable; refuse one that holds files
+    already, unless --overwrite and it is a previous run directory (then it is emptied)."""
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty "
-                          "directory (choose a new one)")
+        if not (overwrite and (run_dir / "config.json").is_file()):
+            raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty directory "
+                              "(choose a new one, or --overwrite a previous run directory)")
+        shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as error:
         raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: {error.strerror}") from None
 
 
-def summary_of(config, data, result: TrainResult, evaluation_metrics) -> dict:
+def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: Outcome) -> dict:
+    """status (finished | interrupted | diverged, with status_detail), training, dataset,
+    evaluation, curriculum."""
     last = result.history[-1]
     training = {f"final_{prefix}{name}": last[f"{prefix}{name}"] for prefix in ("", "val_") for name in mixvae.METRICS}
     curriculum = result.curriculum
     return {
+        "status": outcome.status,
+        **({"status_detail": outcome.detail} if outcome.detail else {}),
         "training": {
             **training,
             "best_epoch": result.best_epoch,
@@ -767,6 +926,8 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
              f"Objective: c-regularizer `{config.c_regularizer}`; {summary['training']['epochs_completed']} "
              f"epochs, best epoch {training['best_epoch']}; training {training['training_time_sec']:.1f} s "
              f"(compile {training['compile_time_sec']:.1f} s).", "",
+             *([f"**Status: {summary['status']}** ({summary['status_detail']}): the tables below describe the "
+                "epochs before it.", ""] if summary["status"] != "finished" else []),
              "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE
                                            if name in summary["evaluation"]) + ".",
              "",
@@ -810,44 +971,70 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path) -> N
     print(f"would write the run to {run_dir}/ (nothing trained, nothing written)")
 
 
-def run(config: Config) -> Path:
+def resumed_config(config: Config) -> Config:
+    """--resume RUN_DIR: the run's saved config with this call's --epochs, and its
+    --checkpoint-every and --eval-iw-samples where they are not the defaults."""
+    path = Path(config.resume) / "config.json"
+    try:
+        saved = config_from_json(json.loads(path.read_text()))
+    except OSError:
+        raise ConfigError(f"--resume={config.resume!r} is not allowed: not a run directory (no config.json)") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--resume={config.resume!r} is not allowed: config.json does not parse ({error})") from None
+    given = {name: getattr(config, name) for name in ("checkpoint_every", "eval_iw_samples")
+             if getattr(config, name) != getattr(Config(), name)}
+    return configs.validate(dataclasses.replace(saved, epochs=config.epochs, **given))
+
+
+def run(config: Config) -> tuple[Path, Outcome]:
+    """The program: validate, load, train (or resume), then evaluate and write every artifact."""
     configs.validate(config)
     if config.eval_only:
-        return reevaluate(config)
+        return reevaluate(config), Outcome("finished", "")
+    resuming = config.resume is not None
+    run_dir = Path(config.resume) if resuming else resolve_run_dir(config)
+    config = resumed_config(config) if resuming else config
     data = load_dataset(config)
     mesh = data_mesh(config)
-    run_dir = resolve_run_dir(config)
+    input_dim = data.train.images.shape[1]
     if config.validate_only:
         validate_only(config, data, mesh, run_dir)
-        return run_dir
-    prepare_run_dir(run_dir)
+        return run_dir, Outcome("finished", "")
+    if resuming:
+        state = load_state(run_dir, config, input_dim)
+        print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
+    else:
+        prepare_run_dir(run_dir, config.overwrite)
+        state = initial_state(config, input_dim)
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     seeds = replica_seeds(config)
-    keys = replica_keys(seeds)  # [R, 4]: init, train, figures, importance sampling
-    models = build_replicas(config, data.train.images.shape[1], keys[:, 0])
     print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds, vmapped)" if len(seeds) > 1 else ""))
-    results = train(config, data, models, keys[:, 1])
+    results, outcome = train(config, data, state, run_dir)
+    if not results[0].history:  # stopped within the first epoch: nothing to evaluate
+        write_json(run_dir / "summary.json", {"status": outcome.status, "status_detail": outcome.detail})
+        return run_dir, outcome
     summaries = []
-    for result, (_, _, figure_key, iw_key) in zip(results, keys):
+    for result, (_, _, figure_key, iw_key) in zip(results, replica_keys(seeds)):
         seed_dir, seed_config = run_dir, config
         if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
             seed_dir = run_dir / f"seed_{result.seed}"
-            seed_dir.mkdir()
+            seed_dir.mkdir(exist_ok=True)
             seed_config = dataclasses.replace(config, seed=result.seed, seeds=(), split_seed=split_seed(config))
             write_json(seed_dir / "config.json", dataclasses.asdict(seed_config))
         write_history(seed_dir / "history.csv", result.history)
         save_checkpoint(seed_dir, result.model, seed_config, result.best_epoch)
-        summaries.append(evaluate_and_report(seed_dir, seed_config, data, result, iw_key, figure_key))
+        summaries.append(evaluate_and_report(seed_dir, seed_config, data, result, outcome, iw_key, figure_key))
     if len(seeds) > 1:
         write_seeds_report(run_dir, config, summaries)
-    return run_dir
+    return run_dir, outcome
 
 
-def evaluate_and_report(run_dir: Path, config: Config, data: Dataset, result: TrainResult, iw_key, figure_key):
+def evaluate_and_report(run_dir: Path, config: Config, data: Dataset, result: TrainResult, outcome: Outcome, iw_key,
+                        figure_key):
     """Test evaluation of the best model, then summary.json, the figures and REPORT.md; returns
     the summary."""
     evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active, iw_key)
-    summary = summary_of(config, data, result, evaluation_metrics)
+    summary = summary_of(config, data, result, evaluation_metrics, outcome)
     write_json(run_dir / "summary.json", summary)
     figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
     write_report(run_dir, config, summary, figures)
@@ -944,7 +1131,8 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
     best_k_active = summary.get("curriculum", {}).get("best_model_k_active", saved.num_components)
     result = TrainResult(saved.seed, model, history, training["best_epoch"], best_k_active, training["training_time_sec"],
                          training["compile_time_sec"], curriculum)
-    return evaluate_and_report(run_dir, saved, data, result, iw_key, figure_key)
+    outcome = Outcome(summary.get("status", "finished"), summary.get("status_detail", ""))
+    return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key)
 
 
 def enable_compilation_cache() -> None:
@@ -961,10 +1149,21 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     enable_compilation_cache()
     try:
-        run(config)
+        run_dir, outcome = run(config)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        print("error: interrupted; the run directory keeps its last checkpoint", file=sys.stderr)
+        return 130
+    if outcome.status == "interrupted":
+        print(f"interrupted ({outcome.detail}); continue with: python train.py --resume {run_dir} "
+              f"--epochs {config.epochs}", file=sys.stderr)
+        return 128 + outcome.signal
+    if outcome.status == "diverged":
+        print(f"error: diverged: {outcome.detail}; training stopped, the run directory holds the last finite "
+              "epoch's history, checkpoint and report (status: diverged)", file=sys.stderr)
+        return 3
     return 0
 
 
