@@ -12,12 +12,14 @@ class Config:
     """Train a mixture VAE whose channel c is regularised by a logit-space MoG prior."""
 
     # --- run -------------------------------------------------------------------------
-    preset: Optional[Literal["quick", "categorical"]] = None
+    preset: Optional[Literal["quick", "categorical", "mnist"]] = None
     """Start from a named preset; flags given beside it override it. quick: the seed's quick
     experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
     categorical: the classic categorical KL(r || pi) instead of the logit-MoG prior, at the settings
     that suit it: no usage-entropy term (KL to a uniform pi already balances usage) and the usual
-    logit-head init (its push towards uniform r breaks the symmetry)."""
+    logit-head init (its push towards uniform r breaks the symmetry). mnist: full MNIST in about
+    10 minutes on 2 CPU cores (25 epochs, 5-epoch anneals, FiLM-conditioned decoder, routing
+    consistency under random warps with weight 10)."""
     name: Optional[str] = None
     """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
     out_dir: Optional[str] = None
@@ -129,6 +131,14 @@ class Config:
     it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
     bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
 
+    consistency_weight: float = 0.0
+    """w_cons, weight of the routing-consistency term: the symmetric KL between r(x) and the
+    routing of a randomly warped copy of x (training only; 0: off). It asks the channel to be
+    invariant to slant, size and position, so that channels split by class, not by style."""
+    augment_strength: float = 1.0
+    """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
+    shift 2 pixels."""
+
     # --- channel curriculum ("pots") ------------------------------------------------
     curriculum: bool = False
     """Start with few open channels and unlock the next one whenever the validation loss
@@ -173,6 +183,8 @@ PRESETS: dict[str, Config] = {
     ),
     "categorical": Config(preset="categorical", c_regularizer="categorical", diversity_weight=0.0,
                           logit_init_scale=1.0),
+    "mnist": Config(preset="mnist", dataset="mnist", decoder_conditioning="film", consistency_weight=10.0,
+                    epochs=25, kl_c_anneal_epochs=5, gumbel_temperature_anneal_epochs=5),
 }
 
 
@@ -204,6 +216,8 @@ def validate(config: Config) -> Config:
         ("prior_sigma", c.prior_sigma > 0, "> 0"),
         ("prior_weight", c.prior_weight >= 0, ">= 0"),
         ("beta_z", c.beta_z >= 0, ">= 0"),
+        ("consistency_weight", c.consistency_weight >= 0, ">= 0"),
+        ("augment_strength", c.augment_strength >= 0, ">= 0"),
         ("dirichlet_alpha", c.dirichlet_alpha is None or c.dirichlet_alpha > 0, "> 0 (or unset)"),
         ("learning_rate", c.learning_rate > 0, "> 0"),
         ("batch_size", c.batch_size >= 1, "an integer >= 1"),

@@ -357,6 +357,37 @@ def entropy(p):
     return -jnp.sum(_xlogy(p, p), axis=-1)
 
 
+def symmetric_kl(logits_p, logits_q, active_mask=None):
+    """(KL(p || q) + KL(q || p)) / 2 = (1/2) sum_{k in A} (p_k - q_k)(log p_k - log q_k) with
+    p = softmax(y'_p), q = softmax(y'_q) over the active channels.  [..., K] -> [...]."""
+    log_p = jax.nn.log_softmax(mask_logits(logits_p, active_mask), axis=-1)
+    log_q = jax.nn.log_softmax(mask_logits(logits_q, active_mask), axis=-1)
+    active = jnp.ones(logits_p.shape[-1], bool) if active_mask is None else active_mask
+    log_ratio = jnp.where(active, log_p - log_q, 0.0)  # -inf - -inf on closed channels
+    return 0.5 * jnp.sum((jnp.exp(log_p) - jnp.exp(log_q)) * log_ratio, axis=-1)
+
+
+def augment(x, key, strength=1.0):
+    """A random affine warp of each square image of x [B, P]: rotation up to 15 degrees, scale up
+    to 10 %, shear up to 0.2 and shift up to 2 pixels, each times `strength`, drawn uniformly;
+    bilinear resampling, zero outside. strength 0 is the identity."""
+    side = image_side(x.shape[-1])
+    centre = (side - 1) / 2.0
+    rows, cols = jnp.meshgrid(jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij")
+    grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
+
+    def warp(image, image_key):
+        angle, scale, shear, *shift = strength * jax.random.uniform(image_key, (5,), minval=-1.0, maxval=1.0)
+        angle = jnp.deg2rad(15.0) * angle
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        matrix = (1.0 + 0.1 * scale) * jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
+        coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
+        warped = jax.scipy.ndimage.map_coordinates(image.reshape(side, side), list(coords), order=1, mode="constant")
+        return warped.reshape(-1)
+
+    return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
+
+
 def logit_mog_log_prior(logits, *, mean, sigma, active_mask=None):
     """log p_mix(y) with p_mix(y) = (1/|A|) sum_{k in A} N(y; M e_k, sigma^2 I_K).
 
@@ -452,6 +483,8 @@ class Objective:
     dirichlet_weight: float = 1.0
     diversity_weight: float = 0.0  # < 0 rewards diverse usage
     router: str = "straight_through"
+    consistency_weight: float = 0.0  # w_cons; 0: no augmented view is encoded
+    augment_strength: float = 1.0
 
     def __post_init__(self):
         _check_choice("c_regularizer", self.c_regularizer, C_REGULARIZERS)
@@ -482,6 +515,7 @@ class Terms(NamedTuple):
     responsibilities: jax.Array  # r, [B, K]
     nll: jax.Array  # -log p(x | z_k), [B, K]
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
+    consistency: jax.Array  # symmetric KL(r(x), r(augment(x))), [B]; zeros without w_cons or noise
 
 
 def decode_channels(model: MixVAE, z):
@@ -499,19 +533,24 @@ def channel_nll(model: MixVAE, x, decoded):
                               sigma_max=model.sigma_max)
 
 
-def forward(model: MixVAE, x, key, sched: Schedule, router: str) -> Terms:
+def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
     """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
-    key is None), decode every channel."""
+    key is None), decode every channel; with w_cons > 0 and a key, also encode a randomly warped
+    copy of x for the routing-consistency term."""
     chex.assert_rank(x, 2)
     logits, mean, log_var = jax.vmap(model.encoder)(x)
     route_key, noise_key = (None, None) if key is None else jax.random.split(key)
-    routing = route(logits + sched.logit_bias, route_key, temperature=sched.temperature, mode=router,
+    routing = route(logits + sched.logit_bias, route_key, temperature=sched.temperature, mode=objective.router,
                     active_mask=sched.active_mask, hard=sched.straight_through)
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
     nll = channel_nll(model, x, decode_channels(model, z))
-    return Terms(logits, routing.weights, routing.responsibilities, nll, gaussian_kl(mean, log_var))
+    consistency = jnp.zeros(x.shape[0])
+    if objective.consistency_weight > 0 and key is not None:
+        augmented_logits, _, _ = jax.vmap(model.encoder)(augment(x, jax.random.fold_in(key, 1), objective.augment_strength))
+        consistency = symmetric_kl(logits, augmented_logits, sched.active_mask)
+    return Terms(logits, routing.weights, routing.responsibilities, nll, gaussian_kl(mean, log_var), consistency)
 
 
 def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
@@ -522,6 +561,7 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         + a lambda (-log p_mix(y(x)))          (logit_mog, both)
         + w_dir (-(alpha - 1) sum_k log pi_k)  (alpha set)
         + w_div H(mean_batch r)
+        + w_cons (KL(r || r_aug) + KL(r_aug || r)) / 2   (r_aug: routing of a warped x)
     KL_z sums over the active channels (decentralized) or is the one shared KL. The logit-MoG
     term is scaled by the schedule's prior_scale, and is zero while |A| = 1: with one open
     channel there is nothing to choose, and the term would only push that one logit up.
@@ -545,7 +585,9 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
                       if objective.dirichlet_alpha is not None else jnp.zeros(()))
     usage = jnp.mean(r, axis=0)
     diversity = entropy(usage)
+    consistency = jnp.mean(terms.consistency)
     loss = (reconstruction + objective.beta_z * jnp.mean(kl_z) + kl_c_term + logit_mog_term
+            + objective.consistency_weight * consistency
             + dirichlet_term + objective.diversity_weight * diversity)
     # -ELBO of the mixture posterior q(c|x) = r: E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi).
     expected_kl_z = kl_z if kl_z_per_channel is None else jnp.sum(r * kl_z_per_channel, axis=-1)
@@ -557,6 +599,7 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         "kl_z": jnp.mean(kl_z),
         "kl_c": kl_c,
         "kl_c_logit_mog": logit_mog_term,
+        "consistency": consistency,
         "dirichlet_penalty": dirichlet_term,
         "component_diversity": diversity,
         "component_entropy": jnp.mean(entropy(r)),
@@ -579,6 +622,7 @@ METRICS = {
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
     "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L (0 while |A| = 1)",
+    "consistency": "symmetric KL between the routing of x and of a randomly warped x, unweighted (training)",
     "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
     "component_diversity": "H(E_batch r), usage entropy",
     "component_entropy": "E[H(r)], per-example routing entropy",
@@ -595,7 +639,7 @@ METRICS = {
 
 def loss_fn(model: MixVAE, x, key, sched: Schedule, objective: Objective):
     """(L, metrics) on one batch x: [B, P]; key=None evaluates without noise."""
-    return aggregate(model, forward(model, x, key, sched, objective.router), sched, objective)
+    return aggregate(model, forward(model, x, key, sched, objective), sched, objective)
 
 
 def summarize(stacked_metrics):
@@ -714,7 +758,7 @@ def map_in_chunks(fn, images, chunk_size=256):
 def evaluate(model, images, sched, objective, chunk_size=256):
     """Deterministic forward pass (no noise) over `images` [N, P] in fixed-size jitted chunks,
     then the objective over the whole split as one batch. Returns (metrics, terms)."""
-    terms = map_in_chunks(lambda x, _: _forward_jit(model, x, None, sched, objective.router), images, chunk_size)
+    terms = map_in_chunks(lambda x, _: _forward_jit(model, x, None, sched, objective), images, chunk_size)
     _, metrics = _aggregate_jit(model, terms, sched, objective)
     return metrics, terms
 

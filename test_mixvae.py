@@ -296,7 +296,7 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
     _, both = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="both",
                                                                               kl_c_weight=3.0, prior_weight=2.0))
     assert float(cat["kl_c_logit_mog"]) == 0.0
-    terms = mixvae.forward(model, TINY_BATCH, None, sched, "straight_through")
+    terms = mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="straight_through"))
     neg_log_prior = -mixvae.logit_mog_log_prior(terms.logits, mean=7.0, sigma=1.0)
     np.testing.assert_allclose(mog["kl_c_logit_mog"], 0.25 * 2.0 * np.mean(neg_log_prior), rtol=1e-6)
     rest = lambda m: m["reconstruction_loss"] + m["kl_z"]
@@ -309,7 +309,7 @@ def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     model = tiny_model()
     mask = jnp.array([True, False, True])
     sched = all_active(active_mask=mask)
-    terms = mixvae.forward(model, TINY_BATCH, jax.random.key(0), sched, "gumbel")
+    terms = mixvae.forward(model, TINY_BATCH, jax.random.key(0), sched, mixvae.Objective(router="gumbel"))
     assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(np.asarray(terms.responsibilities)[:, 1] == 0)
     _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective())
     two_channel = np.sum(np.asarray(terms.weights)[:, [0, 2]] * np.asarray(terms.nll)[:, [0, 2]], -1).mean()
@@ -631,7 +631,7 @@ def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders
     first = model.decoders.network.layers[0].weight
     model = eqx.tree_at(lambda m: m.decoders.network.layers[0].weight, model, jnp.zeros_like(first))
     sched = all_active()
-    nll = np.asarray(mixvae.forward(model, TINY_BATCH, None, sched, "softmax").nll, float)
+    nll = np.asarray(mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="softmax")).nll, float)
     log_pi = np.log(np.asarray(mixvae.mixture_weights(model), float))
     expected = np_logsumexp(log_pi - nll, axis=-1)  # log sum_k pi_k p(x | k), exactly
     got = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=7)
@@ -925,3 +925,47 @@ def test_loss_terms_are_finite_for_random_logits_masks_and_sigmas(k, data):
     weights = np.asarray(routing.weights)
     assert np.all(np.isfinite(weights)) and np.all(weights[:, ~mask] == 0)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+# Routing consistency under random warps
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_symmetric_kl_matches_numpy_and_is_zero_for_equal_routings(masked):
+    rng = np.random.default_rng(3)
+    p_logits, q_logits = rng.normal(size=(2, 6, 5)) * 3
+    mask = np.array([1, 1, 0, 1, 0], bool) if masked else np.ones(5, bool)
+    value = np.asarray(mixvae.symmetric_kl(jnp.asarray(p_logits, jnp.float32), jnp.asarray(q_logits, jnp.float32),
+                                           jnp.asarray(mask)))
+    p = np.exp(p_logits[:, mask] - np_logsumexp(p_logits[:, mask], axis=-1, keepdims=True))
+    q = np.exp(q_logits[:, mask] - np_logsumexp(q_logits[:, mask], axis=-1, keepdims=True))
+    reference = 0.5 * (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1))
+    np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(mixvae.symmetric_kl(jnp.asarray(p_logits), jnp.asarray(p_logits), jnp.asarray(mask))) == 0)
+
+
+def test_augment_is_identity_at_strength_zero_and_a_bounded_warp_otherwise():
+    images = jax.random.uniform(jax.random.key(0), (4, 28 * 28))
+    np.testing.assert_allclose(mixvae.augment(images, jax.random.key(1), 0.0), images, atol=1e-6)
+    warped = np.asarray(mixvae.augment(images, jax.random.key(1), 1.0))
+    assert warped.shape == images.shape and warped.min() >= 0 and warped.max() <= 1
+    assert not np.allclose(warped, images)
+    square = np.zeros((28, 28), np.float32)
+    square[10:18, 10:18] = 1  # a centred square keeps most of its mass under a mild warp
+    mass = np.asarray(mixvae.augment(jnp.asarray(square.reshape(1, -1)), jax.random.key(2), 1.0)).sum()
+    assert 0.7 * 64 < mass < 1.3 * 64
+
+
+def test_consistency_term_enters_the_loss_only_when_weighted_and_in_training():
+    model, sched = tiny_model(), all_active()
+    x = jax.random.uniform(jax.random.key(5), (16, 64))
+    plain = mixvae.Objective()
+    weighted = mixvae.Objective(consistency_weight=2.0)
+    loss_plain, m_plain = mixvae.loss_fn(model, x, jax.random.key(0), sched, plain)
+    loss_weighted, m_weighted = mixvae.loss_fn(model, x, jax.random.key(0), sched, weighted)
+    assert float(m_plain["consistency"]) == 0 and float(m_weighted["consistency"]) > 0
+    np.testing.assert_allclose(float(loss_weighted), float(loss_plain) + 2.0 * float(m_weighted["consistency"]),
+                               rtol=1e-5)
+    _, m_eval = mixvae.loss_fn(model, x, None, sched, weighted)  # evaluation draws no warp
+    assert float(m_eval["consistency"]) == 0

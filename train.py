@@ -283,7 +283,8 @@ def build_objective(config: Config):
         prior_weight=config.prior_weight, prior_mean=config.prior_mean, prior_sigma=config.prior_sigma,
         beta_z=config.beta_z, dirichlet_alpha=config.dirichlet_alpha,
         dirichlet_weight=config.dirichlet_weight, diversity_weight=config.diversity_weight,
-        router=config.router,
+        router=config.router, consistency_weight=config.consistency_weight,
+        augment_strength=config.augment_strength,
     )
 
 
