@@ -4,7 +4,8 @@
     python train.py --help
 
 Reads top to bottom: command line -> data -> schedules -> training loop -> evaluation ->
-artifacts (config.json, history.csv, summary.json, REPORT.md, figures/, checkpoint.eqx).
+artifacts (config.json, history.csv, summary.json, REPORT.md, figures/, checkpoint.eqx,
+train_state.ckpt for --resume).
 """
 
 from __future__ import annotations
