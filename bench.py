@@ -91,10 +91,10 @@ def run_case(name: str, epochs: int = 4) -> dict:
         images = train.load_dataset(config).train.images
     else:
         images = np.random.default_rng(0).integers(0, 256, (3000, 784), dtype=np.uint8)
-    models = train.build_replicas(config, images.shape[1], jax.random.split(jax.random.key(0), 1))
+    state = train.initial_state(config, images.shape[1])  # one replica, as train.py starts it
+    models, opt_states = state.models, state.opt_states
     objective = train.build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
     sched = train.schedule(config, 0)
     steps = len(images) // config.batch_size
     batches = np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size)

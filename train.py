@@ -1118,7 +1118,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: its files do not parse ({error})") from None
     data = load_dataset(saved)
-    _, _, figure_key, iw_key = jax.random.split(jax.random.key(saved.seed), 4)
+    _, _, figure_key, iw_key = replica_keys((saved.seed,))[0]
     skeleton = build_model(saved, data.train.images.shape[1], jax.random.key(0))
     try:
         model = eqx.tree_deserialise_leaves(run_dir / "checkpoint.eqx", skeleton)
