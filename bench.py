@@ -2,14 +2,18 @@
 analytic FLOPs of one train step and the achieved fraction of this machine's f32 matmul peak.
 
     python bench.py                 # every case, each in a fresh process; prints a table, writes bench.json
-    python bench.py --cases default quick-conv
+    python bench.py --cases quick quick-top2 --seeds 0 --no-usage-line
     python bench.py --cases --seeds 5   # only: 5 seeds vmapped in one run vs 5 runs one after another
 
-Each case times `mixvae.train_replicas` (one compiled lax.scan per epoch, as train.py runs it) on data of the right
+Cases: the default config (digits), the `quick` preset (the seed's quick experiment: K 20, D 2,
+separate decoders), the `mnist` preset (shared z, FiLM decoder, consistency views), the quick
+preset with conv encoder and decoders, each also with `--top-m 2`. Each case times
+`mixvae.train_replicas` (one compiled lax.scan per epoch, as train.py runs it) on data of the right
 shape: the embedded digits for `default`, random MNIST-shaped uint8 images otherwise (timing
-does not depend on pixel values). The FLOPs are counted from the forward pass's jaxpr: 2 x the
-multiply-adds of every matmul and convolution (encoder and all K decoders), times 3 for
-forward + backward.
+does not depend on pixel values). The FLOPs are those the step performs, counted from the forward
+pass's jaxpr: 2 x the multiply-adds of every matmul and convolution (encoder, its second pass on
+the warped view, the decoded channels; with --top-m the dispatched rows, capacity slots
+included), times 3 for forward + backward.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ import configs
 import mixvae
 import train
 
-CASES = {
-    "default": dict(config=configs.Config(), data="digits"),
-    "quick": dict(config=configs.PRESETS["quick"], data="mnist-3000"),
-    "quick-conv": dict(config=dataclasses.replace(configs.PRESETS["quick"], encoder="conv", decoder="conv"),
-                       data="mnist-3000"),
+QUICK_CONV = dataclasses.replace(configs.PRESETS["quick"], encoder="conv", decoder="conv")
+CASES = {  # config, and the training images of one timed epoch ("digits" or a count of random MNIST-shaped ones)
+    "default": dict(config=configs.Config(), images="digits"),
+    "quick": dict(config=configs.PRESETS["quick"], images=3000),
+    "quick-top2": dict(config=dataclasses.replace(configs.PRESETS["quick"], top_m=2), images=3000),
+    "mnist": dict(config=configs.PRESETS["mnist"], images=6000),
+    "mnist-top2": dict(config=dataclasses.replace(configs.PRESETS["mnist"], top_m=2), images=6000),
+    "quick-conv": dict(config=QUICK_CONV, images=640),  # 5 steps an epoch: a conv step takes seconds
+    "quick-conv-top2": dict(config=dataclasses.replace(QUICK_CONV, top_m=2), images=640),
 }
 
 
@@ -87,10 +95,10 @@ def run_case(name: str, epochs: int = 4) -> dict:
     """Time one case in this process."""
     case = CASES[name]
     config = case["config"]
-    if case["data"] == "digits":
+    if case["images"] == "digits":
         images = train.load_dataset(config).train.images
     else:
-        images = np.random.default_rng(0).integers(0, 256, (3000, 784), dtype=np.uint8)
+        images = np.random.default_rng(0).integers(0, 256, (case["images"], 784), dtype=np.uint8)
     state = train.initial_state(config, images.shape[1])  # one replica, as train.py starts it
     models, opt_states = state.models, state.opt_states
     objective = train.build_objective(config)
@@ -112,8 +120,9 @@ def run_case(name: str, epochs: int = 4) -> dict:
     peak = matmul_peak_gflops()
     achieved = flops * steps / steady / 1e9
     return {
-        "case": name, "encoder": config.encoder, "decoder": config.decoder, "K": config.num_components,
-        "D": config.latent_dim, "batch_size": config.batch_size, "steps_per_epoch": steps,
+        "case": name, "encoder": config.encoder, "decoder": config.decoder,
+        "conditioning": config.decoder_conditioning, "K": config.num_components, "D": config.latent_dim,
+        "top_m": config.top_m or config.num_components, "batch_size": config.batch_size, "steps_per_epoch": steps,
         "compile_time_sec": times[0] - steady, "steady_epoch_sec": steady, "steps_per_sec": steps / steady,
         "samples_per_sec": steps * config.batch_size / steady, "step_gflop": flops / 1e9,
         "achieved_gflops": achieved, "peak_matmul_gflops": peak, "achieved_over_peak": achieved / peak,
@@ -166,7 +175,7 @@ def main() -> None:
     for name in args.cases:  # a fresh process each: cold compile, per-case peak RSS
         child = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True, text=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    columns = ["case", "encoder", "K", "D", "compile_time_sec", "steady_epoch_sec", "steps_per_sec",
+    columns = ["case", "encoder", "conditioning", "K", "top_m", "compile_time_sec", "steady_epoch_sec", "steps_per_sec",
                "samples_per_sec", "step_gflop", "achieved_gflops", "peak_matmul_gflops", "achieved_over_peak",
                "peak_rss_mb"]
     print("| " + " | ".join(columns) + " |")

@@ -139,6 +139,17 @@ class Config:
     """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
     shift 2 pixels."""
 
+    # --- speed -----------------------------------------------------------------------
+    top_m: Optional[int] = None
+    """Training decodes only each image's M channels with the largest routing scores, their weights
+    s renormalised over them (1 <= M <= K; M = K is exact; unset: every channel). An approximation:
+    the other channels' decoders get no reconstruction gradient from that image, and the router's
+    gradient sees only the M decoded losses. Validation, test and figures decode every channel."""
+    top_m_capacity: float = 2.0
+    """With --top-m and separate decoders: each channel decodes at most
+    min(B, ceil(capacity x B M / K)) images of a batch (>= 1); images past it are dropped from that
+    channel for the step (the mixture-of-experts capacity factor)."""
+
     # --- channel curriculum ("pots") ------------------------------------------------
     curriculum: bool = False
     """Start with few open channels and unlock the next one whenever the validation loss
@@ -219,6 +230,9 @@ def validate(config: Config) -> Config:
         ("beta_z", c.beta_z >= 0, ">= 0"),
         ("consistency_weight", c.consistency_weight >= 0, ">= 0"),
         ("augment_strength", c.augment_strength >= 0, ">= 0"),
+        ("top_m", c.top_m is None or 1 <= c.top_m <= c.num_components,
+         f"in [1, --num-components={c.num_components}] (or unset)"),
+        ("top_m_capacity", c.top_m_capacity >= 1, ">= 1"),
         ("dirichlet_alpha", c.dirichlet_alpha is None or c.dirichlet_alpha > 0, "> 0 (or unset)"),
         ("learning_rate", c.learning_rate > 0, "> 0"),
         ("batch_size", c.batch_size >= 1, "an integer >= 1"),

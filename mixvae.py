@@ -9,7 +9,9 @@ Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
 [K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits,
 r = softmax(y') the responsibilities, s the router's selection weights.
 
-Every module acts on ONE example (Equinox style); batches are handled with vmap.
+The encoder acts on ONE example (Equinox style; batches are vmapped). The decoders act on a
+batch of rows, channel-major [K, B, ...], so that every layer is one matmul and nothing is
+transposed (a vmapped eqx.nn.Linear makes XLA transpose its [out, B] result).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Encoder(eqx.Module):
 class Routing(NamedTuple):
     weights: jax.Array  # s, [..., K], on the simplex; exactly 0 on inactive channels
     responsibilities: jax.Array  # r = softmax(y'), [..., K]; exactly 0 on inactive channels
+    scores: jax.Array  # y' (softmax) or y' + g (gumbel, straight_through): s ranks channels by these
 
 
 def mask_logits(logits, active_mask=None):
@@ -147,32 +150,45 @@ def route(logits, key, *, temperature, mode, active_mask=None, hard=True) -> Rou
     masked = mask_logits(logits, active_mask)
     responsibilities = jax.nn.softmax(masked, axis=-1)
     if mode == "softmax":
-        return Routing(responsibilities, responsibilities)
+        return Routing(responsibilities, responsibilities, masked)
     noise = 0.0 if key is None else jax.random.gumbel(key, logits.shape, logits.dtype)
-    soft = jax.nn.softmax((masked + noise) / temperature, axis=-1)
+    scores = masked + noise
+    soft = jax.nn.softmax(scores / temperature, axis=-1)
     if mode == "gumbel":
-        return Routing(soft, responsibilities)
+        return Routing(soft, responsibilities, scores)
     one_hot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
     # Parenthesised so the forward value is exactly `one_hot`: soft - soft == 0 in IEEE.
     straight_through = one_hot + (soft - jax.lax.stop_gradient(soft))
-    return Routing(jnp.where(hard, straight_through, soft), responsibilities)
+    return Routing(jnp.where(hard, straight_through, soft), responsibilities, scores)
 
 
 # --------------------------------------------------------------------------------------
-# Decoders: every channel is decoded, x_hat_k = f(z_k, k).
+# Decoders: x_hat_k = f(z_k, k) for every channel k, or for each example's top-M channels.
+# A decoder network acts on a batch of rows z [..., D] (with an embedding e broadcastable to
+# [..., E]): each layer is one matmul over all rows, channel-major, so nothing is transposed.
 # --------------------------------------------------------------------------------------
+
+
+def dense(layer: eqx.nn.Linear, h):
+    """`layer` on the last axis of h [..., in] -> [..., out], one matmul for all leading axes.
+    (vmapping eqx.nn.Linear over rows makes XLA emit [out, rows] and transpose it back, which on
+    a CPU costs as much as the matmul itself.)"""
+    return h @ layer.weight.T + layer.bias
 
 
 def _decoder_input(z, embedding, *, film):
     """[z, e] for concat conditioning; z alone for FiLM (e modulates) and separate decoders."""
-    return z if film or embedding is None else jnp.concatenate([z, embedding])
+    if film or embedding is None:
+        return z
+    return jnp.concatenate([z, jnp.broadcast_to(embedding, z.shape[:-1] + embedding.shape[-1:])], axis=-1)
 
 
 def _film(h, film_layer, embedding):
-    """Feature-wise modulation h * (1 + gamma(e)) + beta(e), per unit (MLP) or per map (conv)."""
-    gamma, beta = jnp.split(film_layer(embedding), 2)
-    if h.ndim == 3:
-        gamma, beta = gamma[:, None, None], beta[:, None, None]
+    """Feature-wise modulation h * (1 + gamma(e)) + beta(e), per unit h [..., H] or per map
+    h [..., C, S, S]; gamma and beta are computed once per embedding row and broadcast."""
+    gamma, beta = jnp.split(dense(film_layer, embedding), 2, axis=-1)
+    if h.ndim > embedding.ndim:  # feature maps
+        gamma, beta = gamma[..., None, None], beta[..., None, None]
     return h * (1.0 + gamma) + beta
 
 
@@ -196,12 +212,13 @@ class MLPDecoder(eqx.Module):
         )
 
     def __call__(self, z, embedding=None):
+        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
         h = _decoder_input(z, embedding, film=self.films is not None)
         for i, layer in enumerate(self.layers[:-1]):
-            h = jax.nn.relu(layer(h))
+            h = jax.nn.relu(dense(layer, h))
             if self.films is not None:
                 h = _film(h, self.films[i], embedding)
-        return self.layers[-1](h)
+        return dense(self.layers[-1], h)
 
 
 class ConvDecoder(eqx.Module):
@@ -237,20 +254,27 @@ class ConvDecoder(eqx.Module):
         self.extra = eqx.nn.Linear(dense_dim, num_extra, key=keys[5]) if num_extra else None
 
     def __call__(self, z, embedding=None):
-        h = jax.nn.relu(self.dense(_decoder_input(z, embedding, film=self.films is not None)))
-        h = h.reshape(-1, self.base, self.base)
+        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
+        rows = z.shape[:-1]
+
+        def deconv(layer, h):  # the transposed conv on every row's maps [..., C, S, S]
+            out = jax.vmap(layer)(h.reshape((-1,) + h.shape[len(rows):]))
+            return out.reshape(rows + out.shape[1:])
+
+        h = jax.nn.relu(dense(self.dense, _decoder_input(z, embedding, film=self.films is not None)))
+        extra = None if self.extra is None else dense(self.extra, h)
+        h = h.reshape(rows + (-1, self.base, self.base))
         if self.films is not None:
             h = _film(h, self.films[0], embedding)
-        extra = None if self.extra is None else self.extra(h.reshape(-1))
-        h = jax.nn.relu(self.deconvs[0](h))
+        h = jax.nn.relu(deconv(self.deconvs[0], h))
         if self.films is not None:
             h = _film(h, self.films[1], embedding)
-        pixels = self.deconvs[1](h)[0, : self.side, : self.side].reshape(-1)
-        return pixels if extra is None else jnp.concatenate([pixels, extra])
+        pixels = deconv(self.deconvs[1], h)[..., 0, : self.side, : self.side].reshape(rows + (-1,))
+        return pixels if extra is None else jnp.concatenate([pixels, extra], axis=-1)
 
 
 class ChannelDecoders(eqx.Module):
-    """x_hat_k = f(z_k, k) for all K channels at once, never a Python loop over k.
+    """x_hat_k = f(z_k, k), channel-major, never a Python loop over k.
 
     concat / film: one network conditioned on a learned channel embedding e_k.
     separate: K networks whose weights are stacked on a leading axis.
@@ -258,10 +282,12 @@ class ChannelDecoders(eqx.Module):
 
     network: MLPDecoder | ConvDecoder
     embeddings: jax.Array | None  # [K, E]; None for separate decoders
+    num_components: int = eqx.field(static=True)
 
     def __init__(self, num_components, latent_dim, input_dim, num_extra, *, kind, conditioning,
                  width, embed_dim, key):
         k_net, k_emb = jax.random.split(key)
+        self.num_components = num_components
         cls = MLPDecoder if kind == "mlp" else ConvDecoder
 
         def make(k):
@@ -276,10 +302,33 @@ class ChannelDecoders(eqx.Module):
             self.embeddings = jax.random.normal(k_emb, (num_components, embed_dim))
 
     def __call__(self, z):
-        """z: [K, D] -> decoder outputs [K, P (+ extra)]."""
+        """Every channel on its own rows: z [K, N, D] -> decoder outputs [K, N, P (+ extra)]."""
         if self.embeddings is None:
             return eqx.filter_vmap(lambda net, z_k: net(z_k))(self.network, z)
-        return jax.vmap(self.network)(z, self.embeddings)
+        return self.network(z, self.embeddings[:, None, :])
+
+    def selected(self, z, channels, capacity):
+        """Only the listed channels: row n, slot m is decoded by channel channels[n, m].
+        z [N, M, D], channels [N, M] -> (outputs [N, M, P (+ extra)], kept [N, M]).
+
+        concat / film: one network on the N M rows with their channels' embeddings (all kept).
+        separate: each channel decodes at most `capacity` rows, dispatched in row order (a
+        mixture-of-experts dispatch); rows past a channel's capacity are dropped (kept False,
+        output 0). With capacity >= N every pair is kept.
+        """
+        if self.embeddings is not None:
+            return self.network(z, self.embeddings[channels]), jnp.ones(channels.shape, bool)
+        num_components = self.num_components
+        flat = channels.reshape(-1)
+        one_hot = jax.nn.one_hot(flat, num_components, dtype=jnp.int32)  # [N M, K]
+        position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within its channel
+        kept = position < capacity
+        slot = jnp.where(kept, flat * capacity + position, num_components * capacity)  # dropped: out of range
+        source = jnp.zeros(num_components * capacity, jnp.int32).at[slot].set(jnp.arange(flat.size), mode="drop")
+        dispatched = z.reshape(flat.size, -1)[source].reshape(num_components, capacity, -1)
+        outputs = self(dispatched).reshape(num_components * capacity, -1)[jnp.where(kept, slot, 0)]
+        outputs = jnp.where(kept[:, None], outputs, 0.0)
+        return outputs.reshape(channels.shape + outputs.shape[-1:]), kept.reshape(channels.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -434,6 +483,14 @@ def dirichlet_penalty(pi, alpha, active_mask=None):
     return -(alpha - 1.0) * jnp.sum(log_pi, axis=-1)
 
 
+def softplus(v):
+    """log(1 + e^v) = max(v, 0) + log1p(e^-|v|), stable for any v; one exp and one log1p per
+    element, about half the cost of jax.nn.softplus (a general logaddexp) on a CPU. Both branches
+    switch on the same v >= 0, so the gradient is sigmoid(v) everywhere, 1/2 at v = 0 included."""
+    positive = v >= 0
+    return jnp.where(positive, v, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -v, v)))
+
+
 def reconstruction_nll(x, decoded, *, likelihood, observation_sigma=0.1, sigma_min=0.05, sigma_max=1.0):
     """-log p(x | x_hat) summed over the P pixels.  x: [..., P], decoded: [..., P (+1)] -> [...].
 
@@ -445,11 +502,11 @@ def reconstruction_nll(x, decoded, *, likelihood, observation_sigma=0.1, sigma_m
     num_pixels = x.shape[-1]
     logits = decoded[..., :num_pixels]
     if likelihood == "bernoulli":
-        return jnp.sum(jax.nn.softplus(logits) - x * logits, axis=-1)
+        return jnp.sum(softplus(logits) - x * logits, axis=-1)
     if likelihood == "gaussian":
         sigma = jnp.asarray(observation_sigma, x.dtype)
     else:
-        sigma = jnp.clip(sigma_min + jax.nn.softplus(decoded[..., -1]), sigma_min, sigma_max)[..., None]
+        sigma = jnp.clip(sigma_min + softplus(decoded[..., -1]), sigma_min, sigma_max)[..., None]
     z = (x - jax.nn.sigmoid(logits)) / sigma
     return jnp.sum(0.5 * jnp.square(z) + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
@@ -485,6 +542,8 @@ class Objective:
     router: str = "straight_through"
     consistency_weight: float = 0.0  # w_cons; 0: no augmented view is encoded
     augment_strength: float = 1.0
+    top_m: int | None = None  # training decodes only each example's top-M channels; None: all
+    top_m_capacity: float = 2.0  # separate decoders: rows per channel, as a multiple of B M / K
 
     def __post_init__(self):
         _check_choice("c_regularizer", self.c_regularizer, C_REGULARIZERS)
@@ -513,30 +572,63 @@ class Terms(NamedTuple):
     logits: jax.Array  # y(x), [B, K], raw
     weights: jax.Array  # s, [B, K]
     responsibilities: jax.Array  # r, [B, K]
-    nll: jax.Array  # -log p(x | z_k), [B, K]
+    nll: jax.Array  # -log p(x | z_k), [B, K]; 0 where not decoded
+    decoded: jax.Array  # [B, K] bool: channels whose nll was computed (all, unless top_m in training)
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
     consistency: jax.Array  # symmetric KL(r(x), r(augment(x))), [B]; zeros without w_cons or noise
 
 
 def decode_channels(model: MixVAE, z):
-    """Decoder outputs of every channel: z [B, K, D] (or the shared [B, D], given to every
-    channel) -> [B, K, P (+1)]."""
+    """Decoder outputs of every channel, channel-major: z [B, K, D] (or the shared [B, D], given
+    to every channel) -> [K, B, P (+1)]."""
     if model.latent_layout == "shared":
-        z = jnp.broadcast_to(z[:, None, :], (z.shape[0], model.num_components, z.shape[-1]))
-    return jax.vmap(model.decoders)(z)
+        z = jnp.broadcast_to(z, (model.num_components,) + z.shape)
+    else:
+        z = jnp.swapaxes(z, 0, 1)
+    return model.decoders(z)
 
 
 def channel_nll(model: MixVAE, x, decoded):
-    """-log p(x | x_hat_k) under the model's likelihood: x [B, P], decoded [B, K, P (+1)] -> [B, K]."""
-    return reconstruction_nll(x[:, None, :], decoded, likelihood=model.likelihood,
-                              observation_sigma=model.observation_sigma, sigma_min=model.sigma_min,
-                              sigma_max=model.sigma_max)
+    """-log p(x | x_hat) under the model's likelihood: x [..., P] broadcast against the decoder
+    outputs decoded [..., P (+1)] -> [...]; e.g. x [B, P] and decode_channels' [K, B, P] -> [K, B]."""
+    return reconstruction_nll(x, decoded, likelihood=model.likelihood, observation_sigma=model.observation_sigma,
+                              sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+
+
+def decode_top_m(model: MixVAE, x, z, scores, top_m: int, capacity_factor: float):
+    """-log p(x | x_hat_k) for each example's M highest-scoring channels only: x [B, P], z [B, K, D]
+    (or shared [B, D]), scores [B, K] -> (nll [B, K], decoded [B, K]), nll 0 where not decoded.
+
+    Separate decoders take at most C = min(B, ceil(capacity_factor B M / K)) rows each (see
+    ChannelDecoders.selected); a pair past its channel's capacity is not decoded. At M = K
+    every channel is decoded for every example, exactly.
+    """
+    batch, num_components = scores.shape
+    _, channels = jax.lax.top_k(scores, top_m)  # [B, M]
+    if model.latent_layout == "shared":
+        z_rows = jnp.broadcast_to(z[:, None, :], (batch, top_m, z.shape[-1]))
+    else:
+        z_rows = jnp.take_along_axis(z, channels[..., None], axis=1)
+    capacity = min(batch, math.ceil(capacity_factor * batch * top_m / num_components))
+    outputs, kept = model.decoders.selected(z_rows, channels, capacity)
+    nll_rows = channel_nll(model, x[:, None, :], outputs)  # [B, M]
+    rows = jnp.arange(batch)[:, None]
+    nll = jnp.zeros((batch, num_components), nll_rows.dtype).at[rows, channels].set(jnp.where(kept, nll_rows, 0.0))
+    return nll, jnp.zeros((batch, num_components), bool).at[rows, channels].set(kept)
+
+
+def restrict(weights, decoded):
+    """weights [B, K] restricted to the decoded channels and renormalised (0 where none is)."""
+    kept = jnp.where(decoded, weights, 0.0)
+    total = jnp.sum(kept, axis=-1, keepdims=True)
+    return kept / jnp.where(total > 0, total, 1.0)
 
 
 def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
     """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
-    key is None), decode every channel; with w_cons > 0 and a key, also encode a randomly warped
-    copy of x for the routing-consistency term."""
+    key is None), decode every channel (in training with top_m: each example's top-M channels by
+    routing score, their weights s renormalised over them); with w_cons > 0 and a key, also encode
+    a randomly warped copy of x for the routing-consistency term."""
     chex.assert_rank(x, 2)
     logits, mean, log_var = jax.vmap(model.encoder)(x)
     route_key, noise_key = (None, None) if key is None else jax.random.split(key)
@@ -545,12 +637,18 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
-    nll = channel_nll(model, x, decode_channels(model, z))
+    weights = routing.weights
+    if key is not None and objective.top_m is not None and objective.top_m < model.num_components:
+        nll, decoded = decode_top_m(model, x, z, routing.scores, objective.top_m, objective.top_m_capacity)
+        weights = restrict(weights, decoded)
+    else:
+        nll = channel_nll(model, x, decode_channels(model, z)).T
+        decoded = jnp.ones(nll.shape, bool)
     consistency = jnp.zeros(x.shape[0])
     if objective.consistency_weight > 0 and key is not None:
         augmented_logits, _, _ = jax.vmap(model.encoder)(augment(x, jax.random.fold_in(key, 1), objective.augment_strength))
         consistency = symmetric_kl(logits, augmented_logits, sched.active_mask)
-    return Terms(logits, routing.weights, routing.responsibilities, nll, gaussian_kl(mean, log_var), consistency)
+    return Terms(logits, weights, routing.responsibilities, nll, decoded, gaussian_kl(mean, log_var), consistency)
 
 
 def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
@@ -591,7 +689,8 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
             + dirichlet_term + objective.diversity_weight * diversity)
     # -ELBO of the mixture posterior q(c|x) = r: E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi).
     expected_kl_z = kl_z if kl_z_per_channel is None else jnp.sum(r * kl_z_per_channel, axis=-1)
-    neg_elbo = jnp.mean(jnp.sum(r * terms.nll, axis=-1) + expected_kl_z) + kl_c
+    r_decoded = r if objective.top_m is None else restrict(r, terms.decoded)  # top_m: E_r over decoded channels
+    neg_elbo = jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z) + kl_c
     k_eff, active_components = usage_stats(usage)
     metrics = {
         "loss": loss,
@@ -667,7 +766,7 @@ def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
         z = mean + jnp.exp(0.5 * log_var) * eps
         log_prior_z = -0.5 * jnp.sum(jnp.square(z) + jnp.log(2 * jnp.pi), axis=-1)
         log_q_z = -0.5 * jnp.sum(jnp.square(eps) + log_var + jnp.log(2 * jnp.pi), axis=-1)
-        nll = channel_nll(model, x, decode_channels(model, z))
+        nll = channel_nll(model, x, decode_channels(model, z)).T
         return log_pi - nll + (log_prior_z - log_q_z).reshape(x.shape[0], -1)  # [B, K]
 
     weights = jax.lax.map(log_weights, jax.random.split(key, num_samples))  # [S, B, K]

@@ -176,6 +176,15 @@ def test_reconstruction_nll_matches_scipy(likelihood):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_softplus_and_its_gradient_match_float64_at_any_scale():
+    from scipy.special import expit
+
+    v = np.array([-1e4, -88.0, -30.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 30.0, 88.0, 1e4])
+    np.testing.assert_allclose(mixvae.softplus(jnp.asarray(v, jnp.float32)), np.logaddexp(0.0, v), rtol=1e-6, atol=1e-30)
+    grad = jax.vmap(jax.grad(mixvae.softplus))(jnp.asarray(v, jnp.float32))
+    np.testing.assert_allclose(grad, expit(v), rtol=1e-6, atol=1e-30)
+
+
 # --------------------------------------------------------------------------------------
 # Router
 # --------------------------------------------------------------------------------------
@@ -261,10 +270,62 @@ def test_separate_decoders_are_independent_stacked_networks():
     model = tiny_model(conditioning="separate")
     first_layer = model.decoders.network.layers[0].weight
     assert first_layer.shape[0] == 3 and not np.allclose(first_layer[0], first_layer[1])
-    z = jax.random.normal(jax.random.key(1), (3, 2))
+    z = jax.random.normal(jax.random.key(1), (3, 5, 2))
     out = model.decoders(z)
     one = jax.tree.map(lambda leaf: leaf[1] if eqx.is_array(leaf) else leaf, model.decoders.network)
     np.testing.assert_allclose(out[1], one(z[1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("conditioning,layout", [("separate", "decentralized"), ("concat", "shared"),
+                                                 ("film", "decentralized")])
+def test_top_m_decodes_exactly_the_top_channels(conditioning, layout):
+    model = tiny_model(num_components=4, conditioning=conditioning, latent_layout=layout)
+    x = TINY_BATCH
+    _, mean, _ = jax.vmap(model.encoder)(x)
+    full = mixvae.channel_nll(model, x, mixvae.decode_channels(model, mean)).T  # [B, K]
+    scores = jax.random.normal(jax.random.key(3), full.shape)
+    # M = K with capacity 1 (C = B): every channel of every row, the exact sum.
+    nll, decoded = mixvae.decode_top_m(model, x, mean, scores, 4, 1.0)
+    assert np.all(decoded)
+    np.testing.assert_allclose(nll, full, rtol=1e-5)
+    # M = 2: the two highest scores of each row, with their exact losses, zeros elsewhere.
+    nll, decoded = mixvae.decode_top_m(model, x, mean, scores, 2, 2.0)
+    top = np.argsort(-np.asarray(scores), axis=1)[:, :2]
+    expected = np.zeros(full.shape, bool)
+    np.put_along_axis(expected, top, True, axis=1)
+    np.testing.assert_array_equal(decoded, expected)  # separate: capacity ceil(2 16 2 / 4) = B, no drops
+    np.testing.assert_allclose(np.where(expected, full, 0.0), nll, rtol=1e-5)
+
+
+def test_top_m_capacity_drops_rows_past_it_in_row_order():
+    model = tiny_model(num_components=4, conditioning="separate")
+    z = jax.random.normal(jax.random.key(1), (6, 1, 2))
+    channels = jnp.array([[0], [2], [0], [0], [2], [0]])
+    outputs, kept = model.decoders.selected(z, channels, capacity=2)
+    np.testing.assert_array_equal(kept[:, 0], [True, True, True, False, True, False])
+    all_channels = model.decoders(jnp.broadcast_to(z[:, 0], (4, 6, 2)))  # [K, N, P]
+    for n in np.flatnonzero(kept[:, 0]):
+        np.testing.assert_allclose(outputs[n, 0], all_channels[channels[n, 0], n], rtol=1e-5)
+    assert np.all(outputs[~kept] == 0)
+
+
+def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
+    model = tiny_model(num_components=4, conditioning="separate")
+    objective = mixvae.Objective(router="gumbel", top_m=2, top_m_capacity=4.0)
+    sched = all_active(4)
+    key = jax.random.key(5)
+    terms = mixvae.forward(model, TINY_BATCH, key, sched, objective)
+    assert np.all(np.sum(np.asarray(terms.decoded), axis=1) == 2)
+    np.testing.assert_allclose(np.sum(terms.weights, axis=1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(terms.weights)[~np.asarray(terms.decoded)] == 0)
+    # One image alone: exactly its two decoders receive a reconstruction gradient.
+    one = TINY_BATCH[:1]
+    used = np.flatnonzero(mixvae.forward(model, one, key, sched, objective).decoded[0])
+    grads = eqx.filter_grad(lambda m: mixvae.loss_fn(m, one, key, sched, objective)[0])(model)
+    last = np.abs(np.asarray(grads.decoders.network.layers[-1].weight)).sum(axis=(1, 2))  # per channel
+    assert len(used) == 2 and np.all(last[used] > 0) and np.all(np.delete(last, used) == 0)
+    # Evaluation (no key) decodes every channel whatever top_m is.
+    assert np.all(mixvae.forward(model, TINY_BATCH, None, sched, objective).decoded)
 
 
 def test_train_step_and_epoch_compile_once_across_schedule_values():
@@ -698,6 +759,14 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
     (seeds_dir / "summary.json").unlink()
     assert train.main(["--eval-only", "--checkpoint", str(seeds_dir)]) == 0
     assert json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"] == summary["evaluation"]["nmi"]
+
+
+@pytest.mark.parametrize("changes,flag", [(dict(top_m=0), "--top-m=0"), (dict(top_m=11), r"--top-m=11 .* \[1, --num-components=10\]"),
+                                          (dict(top_m=2, top_m_capacity=0.5), "--top-m-capacity")])
+def test_top_m_outside_its_range_is_refused(changes, flag):
+    with pytest.raises(configs.ConfigError, match=flag):
+        configs.validate(configs.Config(**changes))
+    configs.validate(configs.Config(top_m=10, top_m_capacity=1.0))
 
 
 def test_seeds_with_curriculum_and_bad_device_counts_are_refused():

@@ -285,7 +285,7 @@ def build_objective(config: Config):
         beta_z=config.beta_z, dirichlet_alpha=config.dirichlet_alpha,
         dirichlet_weight=config.dirichlet_weight, diversity_weight=config.diversity_weight,
         router=config.router, consistency_weight=config.consistency_weight,
-        augment_strength=config.augment_strength,
+        augment_strength=config.augment_strength, top_m=config.top_m, top_m_capacity=config.top_m_capacity,
     )
 
 
@@ -884,16 +884,16 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     start = 0
     for k, members in enumerate(shown):
         tiles[k, : len(members)] = np.asarray(images)[start:start + len(members)]
-        tiles[k, columns + 1: columns + 1 + len(members)] = decoded[start:start + len(members), k]
+        tiles[k, columns + 1: columns + 1 + len(members)] = decoded[k, start:start + len(members)]
         start += len(members)
     fig, ax = plt.subplots(figsize=(9, 0.5 * num_components + 0.8))
     image_grid(ax, tiles, side, "test images routed to each channel (left), that channel's reconstructions (right)")
     save(fig, "reconstructions.png", "One row per channel: test images routed to it, then its reconstructions")
 
-    z = jax.random.normal(key, (columns, num_components, config.latent_dim))
-    samples = np.asarray(mixvae.decoded_mean(jax.vmap(model.decoders)(z), num_pixels))
+    z = jax.random.normal(key, (num_components, columns, config.latent_dim))
+    samples = np.asarray(mixvae.decoded_mean(model.decoders(z), num_pixels))
     fig, ax = plt.subplots(figsize=(4.5, 0.5 * num_components + 0.8))
-    image_grid(ax, samples.swapaxes(0, 1), side, "decoder means at z ~ N(0, I)")
+    image_grid(ax, samples, side, "decoder means at z ~ N(0, I)")
     save(fig, "samples.png", "One row per channel: decoder means at z ~ N(0, I)")
 
     if config.latent_dim == 2:
