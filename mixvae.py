@@ -836,6 +836,9 @@ def train_replicas(models, opt_states, images, batch_indices, keys, sched, objec
     def epoch(model, opt_state, replica_batches, key):
         return train_epoch(model, opt_state, images, replica_batches, key, sched, objective, optimizer)
 
+    if batch_indices.shape[0] == 1:  # one replica: no vmap (a vmapped conv is a grouped conv, slow on a CPU)
+        first = jax.tree.map(lambda leaf: leaf[0] if eqx.is_array(leaf) else leaf, (models, opt_states, batch_indices, keys))
+        return jax.tree.map(lambda leaf: leaf[None] if eqx.is_array(leaf) else leaf, epoch(*first))
     return eqx.filter_vmap(epoch)(models, opt_states, batch_indices, keys)
 
 
