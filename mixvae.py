@@ -836,36 +836,47 @@ def train_replicas(models, opt_states, images, batch_indices, keys, sched, objec
     def epoch(model, opt_state, replica_batches, key):
         return train_epoch(model, opt_state, images, replica_batches, key, sched, objective, optimizer)
 
-    if batch_indices.shape[0] == 1:  # one replica: no vmap (a vmapped conv is a grouped conv, slow on a CPU)
-        first = jax.tree.map(lambda leaf: leaf[0] if eqx.is_array(leaf) else leaf, (models, opt_states, batch_indices, keys))
-        return jax.tree.map(lambda leaf: leaf[None] if eqx.is_array(leaf) else leaf, epoch(*first))
-    return eqx.filter_vmap(epoch)(models, opt_states, batch_indices, keys)
+    return over_replicas(epoch, models, opt_states, batch_indices, keys)
 
 
-_forward_jit = eqx.filter_jit(forward)
-_aggregate_jit = eqx.filter_jit(aggregate)
-_iw_log_likelihood_jit = eqx.filter_jit(iw_log_likelihood)
+def over_replicas(fn, *stacked):
+    """fn on each replica of pytrees stacked on a leading axis R, outputs stacked: filter_vmap, or
+    a plain call when R = 1 (a vmapped conv is a grouped conv, and compiles slower, on a CPU)."""
+    if jax.tree.leaves(eqx.filter(stacked, eqx.is_array))[0].shape[0] > 1:
+        return eqx.filter_vmap(fn)(*stacked)
+    first = jax.tree.map(lambda leaf: leaf[0] if eqx.is_array(leaf) else leaf, stacked)
+    return jax.tree.map(lambda leaf: leaf[None] if eqx.is_array(leaf) else leaf, fn(*first))
 
 
 def map_in_chunks(fn, images, chunk_size=256):
-    """fn(x, start) on consecutive chunks x of `images` [N, P] scaled to [0, 1]; the last chunk is
-    zero-padded so that one compilation serves every N. Results concatenated and cut to N."""
+    """fn(x, start) on consecutive chunks x [chunk_size, P] of `images` [N, P] scaled to [0, 1], as one
+    lax.map (the last chunk zero-padded); results concatenated and cut to N. Call it under jit."""
     num = images.shape[0]
-    images = jnp.asarray(images)
-    padded = jnp.concatenate([images, jnp.zeros((-num % chunk_size,) + images.shape[1:], images.dtype)])
-    chunks = [fn(to_unit_interval(padded[start:start + chunk_size]), start) for start in range(0, num, chunk_size)]
-    return jax.tree.map(lambda *parts: jnp.concatenate(parts)[:num], *chunks)
+    chunk_size = min(chunk_size, num)
+    padded = jnp.pad(images, [(0, -num % chunk_size)] + [(0, 0)] * (images.ndim - 1))
+    chunks = padded.reshape((-1, chunk_size) + images.shape[1:])
+    starts = jnp.arange(chunks.shape[0]) * chunk_size
+    out = jax.lax.map(lambda chunk: fn(to_unit_interval(chunk[0]), chunk[1]), (chunks, starts))
+    return jax.tree.map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:])[:num], out)
 
 
+@eqx.filter_jit
 def evaluate(model, images, sched, objective, chunk_size=256):
-    """Deterministic forward pass (no noise) over `images` [N, P] in fixed-size jitted chunks,
-    then the objective over the whole split as one batch. Returns (metrics, terms)."""
-    terms = map_in_chunks(lambda x, _: _forward_jit(model, x, None, sched, objective), images, chunk_size)
-    _, metrics = _aggregate_jit(model, terms, sched, objective)
+    """Deterministic forward pass (no noise) over `images` [N, P] in chunks, then the objective
+    over the whole split as one batch; one compiled call. Returns (metrics, terms)."""
+    terms = map_in_chunks(lambda x, _: forward(model, x, None, sched, objective), images, chunk_size)
+    _, metrics = aggregate(model, terms, sched, objective)
     return metrics, terms
 
 
+@eqx.filter_jit
+def validate_replicas(models, images, sched, objective):
+    """evaluate's metrics of each of R stacked models on the same images, one compiled call."""
+    return over_replicas(lambda model: evaluate(model, images, sched, objective)[0], models)
+
+
+@eqx.filter_jit
 def evaluate_iw(model, images, key, sched, num_samples, chunk_size=256):
-    """iw_log_likelihood of every image of `images` [N, P] in fixed-size jitted chunks -> [N]."""
-    return map_in_chunks(lambda x, start: _iw_log_likelihood_jit(model, x, jax.random.fold_in(key, start), sched,
-                                                                 num_samples), images, chunk_size)
+    """iw_log_likelihood of every image of `images` [N, P], in chunks -> [N]; one compiled call."""
+    return map_in_chunks(lambda x, start: iw_log_likelihood(model, x, jax.random.fold_in(key, start), sched,
+                                                            num_samples), images, chunk_size)

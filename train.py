@@ -233,8 +233,19 @@ def replica_keys(seeds) -> jax.Array:
 
 
 def build_replicas(config: Config, input_dim: int, init_keys):
-    """One model per key, stacked on a leading replica axis."""
-    return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(init_keys)
+    """One model per key, stacked on a leading replica axis. Initialised by one XLA program
+    compiled at the lowest optimisation level: it runs once, and optimising threefry's unrolled
+    rounds for every initialiser took 4-6 s (eagerly, each op compiles a program of its own)."""
+    def build(keys):
+        return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
+
+    def arrays(keys):
+        return eqx.filter(build(keys), eqx.is_array)
+
+    program = jax.jit(arrays).lower(init_keys).compile(compiler_options={"xla_backend_optimization_level": 0})
+    static = eqx.filter(eqx.filter_eval_shape(build, init_keys), lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
+                        inverse=True)
+    return eqx.combine(program(init_keys), static)
 
 
 def replica(stacked, r: int):
@@ -385,6 +396,15 @@ def anneals_done(config: Config, epoch: int) -> bool:
 def to_floats(metrics) -> dict[str, float]:
     """The scalar metrics of mixvae.METRICS, in its order, as Python floats."""
     return {name: float(metrics[name]) for name in mixvae.METRICS}
+
+
+def replica_floats(stacked_metrics) -> list[dict[str, float]]:
+    """to_floats of each replica of metrics stacked on a leading replica axis (one transfer)."""
+    host = jax.device_get(stacked_metrics)
+    return [to_floats({name: value[r] for name, value in host.items()}) for r in range(len(host["loss"]))]
+
+
+summarize_replicas = jax.jit(jax.vmap(mixvae.summarize))  # epoch metrics of every replica, one call
 
 
 class TrainResult(NamedTuple):
@@ -574,10 +594,9 @@ def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tu
             models, opt_states, step_metrics = mixvae.train_replicas(
                 state.models, state.opt_states, train_images, jax.device_put(batches, batch_sharded), epoch_keys, sched,
                 objective, optimizer)
-            epoch_metrics = jax.vmap(mixvae.summarize)(step_metrics)
-            train_metrics = [to_floats(replica(epoch_metrics, r)) for r in range(len(seeds))]
-            val_metrics = [to_floats(mixvae.evaluate(replica(models, r), val_images, sched, objective)[0])
-                           for r in range(len(seeds))]
+            epoch_metrics = summarize_replicas(step_metrics)
+            train_metrics = replica_floats(epoch_metrics)
+            val_metrics = replica_floats(mixvae.validate_replicas(models, val_images, sched, objective))
             epoch_times.append(time.perf_counter() - tick)
             bad = non_finite(epoch_metrics, val_metrics, state.running)
             if bad is not None:  # keep the last good state, history and checkpoint
