@@ -64,7 +64,8 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def _count_macs(jaxpr) -> int:
-    """Multiply-adds of every dot_general and conv in a jaxpr, sub-jaxprs included."""
+    """Multiply-adds of every dot_general and conv in a jaxpr, sub-jaxprs included (a scan's body
+    times its length)."""
     macs = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -76,11 +77,12 @@ def _count_macs(jaxpr) -> int:
             spec = eqn.params["dimension_numbers"].rhs_spec
             kernel = math.prod(rhs[d] for d in spec[2:])
             macs += math.prod(eqn.outvars[0].aval.shape) * rhs[spec[1]] * kernel
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1  # lax.map / scan bodies
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
-                    macs += _count_macs(getattr(inner, "jaxpr", inner))
+                    macs += repeats * _count_macs(getattr(inner, "jaxpr", inner))
     return macs
 
 

@@ -266,14 +266,16 @@ def test_model_trains_on_a_tiny_batch(conditioning, decoder):
     assert float(last) < 0.8 * float(first)
 
 
-def test_separate_decoders_are_independent_stacked_networks():
-    model = tiny_model(conditioning="separate")
-    first_layer = model.decoders.network.layers[0].weight
+@pytest.mark.parametrize("decoder", mixvae.DECODERS)
+def test_separate_decoders_are_independent_stacked_networks(decoder):
+    model = tiny_model(conditioning="separate", decoder=decoder)
+    network = model.decoders.network
+    first_layer = (network.layers[0] if decoder == "mlp" else network.dense).weight
     assert first_layer.shape[0] == 3 and not np.allclose(first_layer[0], first_layer[1])
     z = jax.random.normal(jax.random.key(1), (3, 5, 2))
     out = model.decoders(z)
     one = jax.tree.map(lambda leaf: leaf[1] if eqx.is_array(leaf) else leaf, model.decoders.network)
-    np.testing.assert_allclose(out[1], one(z[1]), rtol=1e-5)
+    np.testing.assert_allclose(out[1], one(z[1]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("conditioning,layout", [("separate", "decentralized"), ("concat", "shared"),
