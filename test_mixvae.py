@@ -583,6 +583,8 @@ def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
     assert bench._count_macs(jaxpr.jaxpr) == 5 * 64 * 32
     jaxpr = jax.make_jaxpr(conv)(jnp.zeros((1, 28, 28)))
     assert bench._count_macs(jaxpr.jaxpr) == (8 * 14 * 14) * (1 * 4 * 4)
+    jaxpr = jax.make_jaxpr(lambda x: jax.lax.map(linear, x))(jnp.zeros((7, 64)))  # a scan body, 7 times
+    assert bench._count_macs(jaxpr.jaxpr) == 7 * 64 * 32
     model = tiny_model(conditioning="separate")  # 3 stacked decoders of 2 -> 32 -> 32 -> 64
     flops = bench.train_step_flops(model, all_active(), mixvae.Objective(), batch_size=4, input_dim=64)
     encoder = 64 * 32 + 32 * 32 + 32 * 3 + 32 * 2 * 3 * 2
