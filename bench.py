@@ -87,7 +87,8 @@ def _count_macs(jaxpr) -> int:
 
 
 def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -> float:
-    """2 x the multiply-adds of one batch's forward pass (encoder and all decoders), x 3 for the backward."""
+    """2 x the multiply-adds of one batch's forward pass (encoder, and the decoders on every channel
+    or, with --top-m, on the dispatched rows), x 3 for the backward."""
     x = jnp.zeros((batch_size, input_dim), jnp.float32)
     jaxpr, _, _ = eqx.filter_make_jaxpr(mixvae.forward)(model, x, jax.random.key(0), sched, objective)
     return 3 * 2 * _count_macs(jaxpr.jaxpr)
