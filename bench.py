@@ -94,31 +94,43 @@ def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -
     return 3 * 2 * _count_macs(jaxpr.jaxpr)
 
 
-def run_case(name: str, epochs: int = 4) -> dict:
-    """Time one case in this process."""
+def time_epochs(config, images, num_replicas: int, epochs: int) -> tuple[list[float], object, object]:
+    """Wall time of each of `epochs` calls of mixvae.train_replicas on `num_replicas` fresh replicas
+    (seeds 0..R-1, as train.py starts them); returns the times, the models and the schedule."""
+    config = dataclasses.replace(config, seeds=tuple(range(num_replicas)) if num_replicas > 1 else ())
+    state = train.initial_state(config, images.shape[1])
+    models, opt_states = state.models, state.opt_states
+    objective = train.build_objective(config)
+    optimizer = mixvae.make_optimizer(config.learning_rate)
+    sched = train.schedule(config, 0)
+    steps = len(images) // config.batch_size
+    batches = np.broadcast_to(np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size),
+                              (num_replicas, steps, config.batch_size))
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        models, opt_states, metrics = mixvae.train_replicas(models, opt_states, images, batches,
+                                                            jax.random.split(jax.random.key(epoch), num_replicas),
+                                                            sched, objective, optimizer)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, models, sched
+
+
+def run_case(name: str, epochs: int = 4, num_replicas: int = 3) -> dict:
+    """Time one case in this process: one replica, then `num_replicas` in one compiled epoch."""
     case = CASES[name]
     config = case["config"]
     if case["images"] == "digits":
         images = train.load_dataset(config).train.images
     else:
         images = np.random.default_rng(0).integers(0, 256, (case["images"], 784), dtype=np.uint8)
-    state = train.initial_state(config, images.shape[1])  # one replica, as train.py starts it
-    models, opt_states = state.models, state.opt_states
-    objective = train.build_objective(config)
-    optimizer = mixvae.make_optimizer(config.learning_rate)
-    sched = train.schedule(config, 0)
-    steps = len(images) // config.batch_size
-    batches = np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size)
     images = jax.device_put(images)
-    times = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        models, opt_states, metrics = mixvae.train_replicas(models, opt_states, images, batches,
-                                                            jax.random.split(jax.random.key(epoch), 1), sched,
-                                                            objective, optimizer)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    times, models, sched = time_epochs(config, images, 1, epochs)
     steady = float(np.median(times[1:]))
+    replica_times, _, _ = time_epochs(config, images, num_replicas, 3)
+    steps = len(images) // config.batch_size
+    objective = train.build_objective(config)
     flops = train_step_flops(train.replica(models, 0), sched, objective, config.batch_size, images.shape[1])
     peak = matmul_peak_gflops()
     achieved = flops * steps / steady / 1e9
@@ -129,6 +141,7 @@ def run_case(name: str, epochs: int = 4) -> dict:
         "compile_time_sec": times[0] - steady, "steady_epoch_sec": steady, "steps_per_sec": steps / steady,
         "samples_per_sec": steps * config.batch_size / steady, "step_gflop": flops / 1e9,
         "achieved_gflops": achieved, "peak_matmul_gflops": peak, "achieved_over_peak": achieved / peak,
+        "replicas": num_replicas, "replicas_over_sequential": float(np.median(replica_times[1:])) / (num_replicas * steady),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -185,7 +198,7 @@ def main() -> None:
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     columns = ["case", "encoder", "conditioning", "K", "top_m", "compile_time_sec", "steady_epoch_sec", "steps_per_sec",
                "samples_per_sec", "step_gflop", "achieved_gflops", "peak_matmul_gflops", "achieved_over_peak",
-               "peak_rss_mb"]
+               "replicas_over_sequential", "peak_rss_mb"]
     if rows:
         print("| " + " | ".join(columns) + " |")
         print("|" + "---|" * len(columns))

@@ -845,12 +845,29 @@ def train_replicas(models, opt_states, images, batch_indices, keys, sched, objec
 
 
 def over_replicas(fn, *stacked):
-    """fn on each replica of pytrees stacked on a leading axis R, outputs stacked: filter_vmap, or
-    a plain call when R = 1 (a vmapped conv is a grouped conv, and compiles slower, on a CPU)."""
-    if jax.tree.leaves(eqx.filter(stacked, eqx.is_array))[0].shape[0] > 1:
+    """fn on each replica of pytrees stacked on a leading axis R, outputs stacked, in one program.
+
+    One replica: a plain call. Several: filter_vmap on an accelerator (one wide program fills it),
+    a lax.map over the replicas on a CPU (a vmapped matmul with replica-specific weights is a
+    batched matmul that XLA:CPU runs slower than R plain ones, and a vmapped conv is a grouped
+    conv on a generic kernel), so that R replicas never cost more than R runs one after another.
+    """
+    num_replicas = jax.tree.leaves(eqx.filter(stacked, eqx.is_array))[0].shape[0]
+    if num_replicas == 1:
+        first = jax.tree.map(lambda leaf: leaf[0] if eqx.is_array(leaf) else leaf, stacked)
+        return jax.tree.map(lambda leaf: leaf[None] if eqx.is_array(leaf) else leaf, fn(*first))
+    if jax.default_backend() != "cpu":
         return eqx.filter_vmap(fn)(*stacked)
-    first = jax.tree.map(lambda leaf: leaf[0] if eqx.is_array(leaf) else leaf, stacked)
-    return jax.tree.map(lambda leaf: leaf[None] if eqx.is_array(leaf) else leaf, fn(*first))
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    static_out = []  # the outputs' non-array leaves, recorded when lax.map traces the body
+
+    def body(arrays_r):
+        out_arrays, out_static = eqx.partition(fn(*eqx.combine(arrays_r, static)), eqx.is_array)
+        static_out.append(out_static)
+        return out_arrays
+
+    outputs = jax.lax.map(body, arrays)
+    return eqx.combine(outputs, static_out[0])
 
 
 def map_in_chunks(fn, images, chunk_size=256):
