@@ -1,9 +1,9 @@
 """Speed benchmark (not a test): compile time, steady epoch time, steps/s, samples/s, peak RSS,
 analytic FLOPs of one train step and the achieved fraction of this machine's f32 matmul peak.
 
-    python bench.py                 # every case, each in a fresh process; prints a table, writes bench.json
+    python bench.py         # every case, each in a fresh process; prints a table, writes bench.json
     python bench.py --cases quick quick-top2 --seeds 0 --no-usage-line
-    python bench.py --cases --seeds 5   # only: 5 seeds vmapped in one run vs 5 runs one after another
+    python bench.py --cases --seeds 5   # only: 5 seeds in one run vs 5 runs one after another
 
 Cases: the default config (digits), the `quick` preset (the seed's quick experiment: K 20, D 2,
 separate decoders), the `mnist` preset (shared z, FiLM decoder, consistency views), the quick
@@ -39,13 +39,16 @@ import mixvae
 import train
 
 QUICK_CONV = dataclasses.replace(configs.PRESETS["quick"], encoder="conv", decoder="conv")
-CASES = {  # config, and the training images of one timed epoch ("digits" or a count of random MNIST-shaped ones)
+# config, and the training images of one timed epoch ("digits" or a count of random MNIST images)
+CASES = {
     "default": dict(config=configs.Config(), images="digits"),
     "quick": dict(config=configs.PRESETS["quick"], images=3000),
     "quick-top2": dict(config=dataclasses.replace(configs.PRESETS["quick"], top_m=2), images=3000),
     "mnist": dict(config=configs.PRESETS["mnist"], images=6000),
     "mnist-top2": dict(config=dataclasses.replace(configs.PRESETS["mnist"], top_m=2), images=6000),
-    "quick-conv": dict(config=QUICK_CONV, images=640),  # 5 steps an epoch: a conv step takes seconds
+    "quick-conv": dict(
+        config=QUICK_CONV, images=640
+    ),  # 5 steps an epoch: a conv step takes seconds
     "quick-conv-top2": dict(config=dataclasses.replace(QUICK_CONV, top_m=2), images=640),
 }
 
@@ -77,7 +80,9 @@ def _count_macs(jaxpr) -> int:
             spec = eqn.params["dimension_numbers"].rhs_spec
             kernel = math.prod(rhs[d] for d in spec[2:])
             macs += math.prod(eqn.outvars[0].aval.shape) * rhs[spec[1]] * kernel
-        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1  # lax.map / scan bodies
+        repeats = (
+            eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        )  # lax.map / scan bodies
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", None)
@@ -90,28 +95,43 @@ def train_step_flops(model, sched, objective, batch_size: int, input_dim: int) -
     """2 x the multiply-adds of one batch's forward pass (encoder, and the decoders on every channel
     or, with --top-m, on the dispatched rows), x 3 for the backward."""
     x = jnp.zeros((batch_size, input_dim), jnp.float32)
-    jaxpr, _, _ = eqx.filter_make_jaxpr(mixvae.forward)(model, x, jax.random.key(0), sched, objective)
+    jaxpr, _, _ = eqx.filter_make_jaxpr(mixvae.forward)(
+        model, x, jax.random.key(0), sched, objective
+    )
     return 3 * 2 * _count_macs(jaxpr.jaxpr)
 
 
-def time_epochs(config, images, num_replicas: int, epochs: int) -> tuple[list[float], object, object]:
+def time_epochs(
+    config, images, num_replicas: int, epochs: int
+) -> tuple[list[float], object, object]:
     """Wall time of each of `epochs` calls of mixvae.train_replicas on `num_replicas` fresh replicas
     (seeds 0..R-1, as train.py starts them); returns the times, the models and the schedule."""
-    config = dataclasses.replace(config, seeds=tuple(range(num_replicas)) if num_replicas > 1 else ())
+    config = dataclasses.replace(
+        config, seeds=tuple(range(num_replicas)) if num_replicas > 1 else ()
+    )
     state = train.initial_state(config, images.shape[1])
     models, opt_states = state.models, state.opt_states
     objective = train.build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
     sched = train.schedule(config, 0)
     steps = len(images) // config.batch_size
-    batches = np.broadcast_to(np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size),
-                              (num_replicas, steps, config.batch_size))
+    batches = np.broadcast_to(
+        np.arange(steps * config.batch_size).reshape(1, steps, config.batch_size),
+        (num_replicas, steps, config.batch_size),
+    )
     times = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        models, opt_states, metrics = mixvae.train_replicas(models, opt_states, images, batches,
-                                                            jax.random.split(jax.random.key(epoch), num_replicas),
-                                                            sched, objective, optimizer)
+        models, opt_states, metrics = mixvae.train_replicas(
+            models,
+            opt_states,
+            images,
+            batches,
+            jax.random.split(jax.random.key(epoch), num_replicas),
+            sched,
+            objective,
+            optimizer,
+        )
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return times, models, sched
@@ -131,17 +151,31 @@ def run_case(name: str, epochs: int = 4, num_replicas: int = 3) -> dict:
     replica_times, _, _ = time_epochs(config, images, num_replicas, 3)
     steps = len(images) // config.batch_size
     objective = train.build_objective(config)
-    flops = train_step_flops(train.replica(models, 0), sched, objective, config.batch_size, images.shape[1])
+    flops = train_step_flops(
+        train.replica(models, 0), sched, objective, config.batch_size, images.shape[1]
+    )
     peak = matmul_peak_gflops()
     achieved = flops * steps / steady / 1e9
     return {
-        "case": name, "encoder": config.encoder, "decoder": config.decoder,
-        "conditioning": config.decoder_conditioning, "K": config.num_components, "D": config.latent_dim,
-        "top_m": config.top_m or config.num_components, "batch_size": config.batch_size, "steps_per_epoch": steps,
-        "compile_time_sec": times[0] - steady, "steady_epoch_sec": steady, "steps_per_sec": steps / steady,
-        "samples_per_sec": steps * config.batch_size / steady, "step_gflop": flops / 1e9,
-        "achieved_gflops": achieved, "peak_matmul_gflops": peak, "achieved_over_peak": achieved / peak,
-        "replicas": num_replicas, "replicas_over_sequential": float(np.median(replica_times[1:])) / (num_replicas * steady),
+        "case": name,
+        "encoder": config.encoder,
+        "decoder": config.decoder,
+        "conditioning": config.decoder_conditioning,
+        "K": config.num_components,
+        "D": config.latent_dim,
+        "top_m": config.top_m or config.num_components,
+        "batch_size": config.batch_size,
+        "steps_per_epoch": steps,
+        "compile_time_sec": times[0] - steady,
+        "steady_epoch_sec": steady,
+        "steps_per_sec": steps / steady,
+        "samples_per_sec": steps * config.batch_size / steady,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": achieved,
+        "peak_matmul_gflops": peak,
+        "achieved_over_peak": achieved / peak,
+        "replicas": num_replicas,
+        "replicas_over_sequential": float(np.median(replica_times[1:])) / (num_replicas * steady),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -153,39 +187,73 @@ def usage_line_seconds() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for run in ("cold", "warm"):
             start = time.perf_counter()
-            subprocess.run([sys.executable, "train.py", "--c-regularizer", "logit_mog", "--prior-mean", "7",
-                            "--out-dir", f"{tmp}/{run}"], check=True, capture_output=True,
-                           env={**os.environ, "JAX_COMPILATION_CACHE_DIR": f"{tmp}/cache"})
+            subprocess.run(
+                [
+                    sys.executable,
+                    "train.py",
+                    "--c-regularizer",
+                    "logit_mog",
+                    "--prior-mean",
+                    "7",
+                    "--out-dir",
+                    f"{tmp}/{run}",
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": f"{tmp}/cache"},
+            )
             times[f"{run}_sec"] = time.perf_counter() - start
     return times
 
 
 def seeds_wall_times(num_seeds: int, epochs: int = 40) -> dict:
     """Whole-process wall time of `train.py --seeds 0..N-1` against N runs `--seed s` one after
-    another (each side with a fresh, then shared, XLA compilation cache; same epochs, no early stop)."""
+    another (each side with a fresh, then shared, XLA compilation cache; same epochs, no early
+    stop)."""
     common = ["--epochs", str(epochs), "--patience", "0", "--eval-iw-samples", "0"]
 
     def wall(runs, cache):
         start = time.perf_counter()
         for args in runs:
-            subprocess.run([sys.executable, "train.py", *common, *args], check=True, capture_output=True,
-                           env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache})
+            subprocess.run(
+                [sys.executable, "train.py", *common, *args],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache},
+            )
         return time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
         seeds = [str(seed) for seed in range(num_seeds)]
-        vmapped = wall([["--seeds", *seeds, "--split-seed", "0", "--out-dir", f"{tmp}/vmapped"]], f"{tmp}/cache-v")
-        sequential = wall([["--seed", seed, "--split-seed", "0", "--out-dir", f"{tmp}/seed-{seed}"] for seed in seeds],
-                          f"{tmp}/cache-s")
-    return {"num_seeds": num_seeds, "epochs": epochs, "vmapped_sec": vmapped, "sequential_sec": sequential,
-            "speedup": sequential / vmapped}
+        vmapped = wall(
+            [["--seeds", *seeds, "--split-seed", "0", "--out-dir", f"{tmp}/vmapped"]],
+            f"{tmp}/cache-v",
+        )
+        sequential = wall(
+            [
+                ["--seed", seed, "--split-seed", "0", "--out-dir", f"{tmp}/seed-{seed}"]
+                for seed in seeds
+            ],
+            f"{tmp}/cache-s",
+        )
+    return {
+        "num_seeds": num_seeds,
+        "epochs": epochs,
+        "vmapped_sec": vmapped,
+        "sequential_sec": sequential,
+        "speedup": sequential / vmapped,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the vmapped-vs-sequential timing (0: skip)")
-    parser.add_argument("--one", choices=list(CASES), help=argparse.SUPPRESS)  # a child process's case
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds of the vmapped-vs-sequential timing (0: skip)"
+    )
+    parser.add_argument(
+        "--one", choices=list(CASES), help=argparse.SUPPRESS
+    )  # a child process's case
     parser.add_argument("--no-usage-line", action="store_true", help="skip timing the usage line")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
@@ -194,25 +262,54 @@ def main() -> None:
         return
     rows = []
     for name in args.cases:  # a fresh process each: cold compile, per-case peak RSS
-        child = subprocess.run([sys.executable, __file__, "--one", name], check=True, capture_output=True, text=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", name], check=True, capture_output=True, text=True
+        )
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    columns = ["case", "encoder", "conditioning", "K", "top_m", "compile_time_sec", "steady_epoch_sec", "steps_per_sec",
-               "samples_per_sec", "step_gflop", "achieved_gflops", "peak_matmul_gflops", "achieved_over_peak",
-               "replicas_over_sequential", "peak_rss_mb"]
+    columns = [
+        "case",
+        "encoder",
+        "conditioning",
+        "K",
+        "top_m",
+        "compile_time_sec",
+        "steady_epoch_sec",
+        "steps_per_sec",
+        "samples_per_sec",
+        "step_gflop",
+        "achieved_gflops",
+        "peak_matmul_gflops",
+        "achieved_over_peak",
+        "replicas_over_sequential",
+        "peak_rss_mb",
+    ]
     if rows:
         print("| " + " | ".join(columns) + " |")
         print("|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+        print(
+            "| "
+            + " | ".join(
+                f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns
+            )
+            + " |"
+        )
     result = {"cases": rows}
     if not args.no_usage_line:
         result["usage_line"] = usage_line_seconds()
-        print("usage line (whole process): {cold_sec:.1f} s from a fresh compilation cache, "
-              "{warm_sec:.1f} s with it warm".format(**result["usage_line"]))
+        print(
+            "usage line (whole process): {cold_sec:.1f} s from a fresh compilation cache, "
+            "{warm_sec:.1f} s with it warm".format(**result["usage_line"])
+        )
     if args.seeds:
         result["seeds"] = seeds_wall_times(args.seeds)
-        print("{num_seeds} seeds x {epochs} epochs, whole processes: vmapped in one run {vmapped_sec:.1f} s, "
-              "one run after another {sequential_sec:.1f} s ({speedup:.1f}x)".format(**result["seeds"]))
+        print(
+            "{num_seeds} seeds x {epochs} epochs, whole processes: vmapped in one run "
+            "{vmapped_sec:.1f} s, "
+            "one run after another {sequential_sec:.1f} s ({speedup:.1f}x)".format(
+                **result["seeds"]
+            )
+        )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

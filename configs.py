@@ -4,7 +4,7 @@ its validation, and the named presets.  Standard library only."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,7 +12,7 @@ class Config:
     """Train a mixture VAE whose channel c is regularised by a logit-space MoG prior."""
 
     # --- run -------------------------------------------------------------------------
-    preset: Optional[Literal["quick", "categorical", "mnist"]] = None
+    preset: Literal["quick", "categorical", "mnist"] | None = None
     """Start from a named preset; flags given beside it override it. quick: the seed's quick
     experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
     categorical: the classic categorical KL(r || pi) instead of the logit-MoG prior, at the settings
@@ -20,9 +20,9 @@ class Config:
     logit-head init (its push towards uniform r breaks the symmetry). mnist: full MNIST in under
     10 minutes on 2 CPU cores (25 epochs, 5-epoch anneals, one shared z and a FiLM-conditioned
     decoder, routing consistency under random warps with weight 20)."""
-    name: Optional[str] = None
+    name: str | None = None
     """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     """Run directory; unset: runs/<timestamp>-<name>/. Must not exist, or be empty."""
     validate_only: bool = False
     """Validate the config, build the model and trace the loss; print the parameter count and
@@ -30,9 +30,9 @@ class Config:
     eval_only: bool = False
     """Evaluate the run in --checkpoint again without training, and rewrite its evaluation,
     figures and REPORT.md."""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """The run directory that --eval-only evaluates."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """Continue the run in this directory, in place, up to --epochs in total, from its last
     checkpoint. Its config.json gives every setting but --epochs (this call's), and
     --checkpoint-every and --eval-iw-samples when this call sets them."""
@@ -49,9 +49,9 @@ class Config:
     """Train one replica per seed in one process, vmapped (one compiled step for all), e.g.
     --seeds 0 1 2 3 4; every replica uses the data split of --split-seed (default --seed).
     Unset: --seed alone."""
-    split_seed: Optional[int] = None
+    split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
-    devices: Optional[int] = None
+    devices: int | None = None
     """Data-parallel devices: each batch is sharded over this many local devices (SPMD,
     parameters replicated); unset: all local devices. --batch-size must divide by it."""
 
@@ -60,10 +60,10 @@ class Config:
     """Dataset. digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped, offline).
     mnist, fashion-mnist: the four official IDX files from --data-dir (downloaded when missing,
     MD5-checked); the official 10000-image test split."""
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """Directory of the IDX files; unset: $MIXVAE_DATA_DIR/<dataset>, else
     ~/.cache/mixvae/data/<dataset>."""
-    num_samples: Optional[int] = None
+    num_samples: int | None = None
     """Train on a stratified subset of this many training images (seeded); unset: all."""
     val_split: float = 0.1
     """Fraction of the training images held out for validation, in (0, 1)."""
@@ -122,7 +122,7 @@ class Config:
     """beta_z, weight of KL(q(z|x) || N(0, I))."""
     learnable_pi: bool = False
     """Learn the mixture weights pi; off: pi is fixed uniform."""
-    dirichlet_alpha: Optional[float] = None
+    dirichlet_alpha: float | None = None
     """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
     dirichlet_weight: float = 1.0
     """w_dir, weight of the Dirichlet MAP penalty."""
@@ -140,7 +140,7 @@ class Config:
     shift 2 pixels."""
 
     # --- speed -----------------------------------------------------------------------
-    top_m: Optional[int] = None
+    top_m: int | None = None
     """Training decodes only each image's M channels with the largest routing scores, their weights
     s renormalised over them (1 <= M <= K; M = K is exact; unset: every channel). An approximation:
     the other channels' decoders get no reconstruction gradient from that image, and the router's
@@ -189,14 +189,32 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "quick": Config(
-        preset="quick", c_regularizer="logit_mog", prior_mean=7.0, prior_sigma=1.0, prior_weight=1.0,
-        kl_c_weight=0.0, router="straight_through", num_components=20, latent_dim=2,
+        preset="quick",
+        c_regularizer="logit_mog",
+        prior_mean=7.0,
+        prior_sigma=1.0,
+        prior_weight=1.0,
+        kl_c_weight=0.0,
+        router="straight_through",
+        num_components=20,
+        latent_dim=2,
     ),
-    "categorical": Config(preset="categorical", c_regularizer="categorical", diversity_weight=0.0,
-                          logit_init_scale=1.0),
-    "mnist": Config(preset="mnist", dataset="mnist", latent_layout="shared", decoder_conditioning="film",
-                    consistency_weight=20.0,
-                    epochs=25, kl_c_anneal_epochs=5, gumbel_temperature_anneal_epochs=5),
+    "categorical": Config(
+        preset="categorical",
+        c_regularizer="categorical",
+        diversity_weight=0.0,
+        logit_init_scale=1.0,
+    ),
+    "mnist": Config(
+        preset="mnist",
+        dataset="mnist",
+        latent_layout="shared",
+        decoder_conditioning="film",
+        consistency_weight=20.0,
+        epochs=25,
+        kl_c_anneal_epochs=5,
+        gumbel_temperature_anneal_epochs=5,
+    ),
 }
 
 
@@ -218,10 +236,17 @@ def validate(config: Config) -> Config:
         ("logit_init_scale", c.logit_init_scale > 0, "> 0"),
         ("val_split", 0.0 < c.val_split < 1.0, "a fraction in (0, 1)"),
         ("eval_iw_samples", c.eval_iw_samples >= 0, "an integer >= 0"),
-        ("num_samples", c.num_samples is None or c.num_samples >= 20, "an integer >= 20 (or unset)"),
+        (
+            "num_samples",
+            c.num_samples is None or c.num_samples >= 20,
+            "an integer >= 20 (or unset)",
+        ),
         ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
-        ("gumbel_temperature_min", 0 < c.gumbel_temperature_min <= c.gumbel_temperature,
-         f"in (0, --gumbel-temperature={c.gumbel_temperature}]"),
+        (
+            "gumbel_temperature_min",
+            0 < c.gumbel_temperature_min <= c.gumbel_temperature,
+            f"in (0, --gumbel-temperature={c.gumbel_temperature}]",
+        ),
         ("gumbel_temperature_anneal_epochs", c.gumbel_temperature_anneal_epochs >= 0, ">= 0"),
         ("kl_c_anneal_epochs", c.kl_c_anneal_epochs >= 0, ">= 0"),
         ("kl_c_weight", c.kl_c_weight >= 0, ">= 0"),
@@ -230,8 +255,11 @@ def validate(config: Config) -> Config:
         ("beta_z", c.beta_z >= 0, ">= 0"),
         ("consistency_weight", c.consistency_weight >= 0, ">= 0"),
         ("augment_strength", c.augment_strength >= 0, ">= 0"),
-        ("top_m", c.top_m is None or 1 <= c.top_m <= c.num_components,
-         f"in [1, --num-components={c.num_components}] (or unset)"),
+        (
+            "top_m",
+            c.top_m is None or 1 <= c.top_m <= c.num_components,
+            f"in [1, --num-components={c.num_components}] (or unset)",
+        ),
         ("top_m_capacity", c.top_m_capacity >= 1, ">= 1"),
         ("dirichlet_alpha", c.dirichlet_alpha is None or c.dirichlet_alpha > 0, "> 0 (or unset)"),
         ("learning_rate", c.learning_rate > 0, "> 0"),
@@ -240,12 +268,23 @@ def validate(config: Config) -> Config:
         ("patience", c.patience >= 0, ">= 0"),
         ("checkpoint_every", c.checkpoint_every >= 0, ">= 0"),
         ("seeds", len(set(c.seeds)) == len(c.seeds), "distinct integers"),
-        ("seeds", len(c.seeds) <= 1 or not c.curriculum, "a single seed with --curriculum (its unlocks are per run)"),
+        (
+            "seeds",
+            len(c.seeds) <= 1 or not c.curriculum,
+            "a single seed with --curriculum (its unlocks are per run)",
+        ),
         ("devices", c.devices is None or c.devices >= 1, "an integer >= 1 (or unset)"),
-        ("devices", c.devices is None or c.batch_size % c.devices == 0,
-         f"a divisor of --batch-size={c.batch_size} (each device takes an equal share of a batch)"),
-        ("curriculum_start", 1 <= c.curriculum_start <= c.num_components,
-         f"in [1, --num-components={c.num_components}]"),
+        (
+            "devices",
+            c.devices is None or c.batch_size % c.devices == 0,
+            f"a divisor of --batch-size={c.batch_size} (each device takes an equal share of a "
+            "batch)",
+        ),
+        (
+            "curriculum_start",
+            1 <= c.curriculum_start <= c.num_components,
+            f"in [1, --num-components={c.num_components}]",
+        ),
         ("unlock_patience", c.unlock_patience >= 1, "an integer >= 1"),
         ("unlock_min_delta", c.unlock_min_delta >= 0, ">= 0"),
         ("kick_epochs", c.kick_epochs >= 0, ">= 0"),
@@ -256,5 +295,7 @@ def validate(config: Config) -> Config:
         raise ConfigError("--eval-only needs --checkpoint RUN_DIR, the run directory to evaluate")
     for field, ok, allowed in checks:
         if not ok:
-            raise ConfigError(f"{flag(field)}={getattr(c, field)!r} is not allowed: must be {allowed}")
+            raise ConfigError(
+                f"{flag(field)}={getattr(c, field)!r} is not allowed: must be {allowed}"
+            )
     return config

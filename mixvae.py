@@ -93,12 +93,19 @@ class Encoder(eqx.Module):
     posterior_head: eqx.nn.Linear
     posterior_shape: tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, input_dim, num_components, latent_dim, *, layout, kind, width, logit_init_scale, key):
+    def __init__(
+        self, input_dim, num_components, latent_dim, *, layout, kind, width, logit_init_scale, key
+    ):
         k_trunk, k_logits, k_post = jax.random.split(key, 3)
         if kind == "mlp":
             self.trunk = eqx.nn.MLP(
-                input_dim, width, width, depth=1, activation=jax.nn.relu,
-                final_activation=jax.nn.relu, key=k_trunk,
+                input_dim,
+                width,
+                width,
+                depth=1,
+                activation=jax.nn.relu,
+                final_activation=jax.nn.relu,
+                key=k_trunk,
             )
         else:
             self.trunk = ConvTrunk(input_dim, width, key=k_trunk)
@@ -106,14 +113,19 @@ class Encoder(eqx.Module):
             (num_components, latent_dim) if layout == "decentralized" else (latent_dim,)
         )
         logits_head = eqx.nn.Linear(width, num_components, key=k_logits)
-        self.logits_head = eqx.tree_at(lambda head: head.weight, logits_head,
-                                       logit_init_scale * logits_head.weight)
+        self.logits_head = eqx.tree_at(
+            lambda head: head.weight, logits_head, logit_init_scale * logits_head.weight
+        )
         self.posterior_head = eqx.nn.Linear(width, 2 * math.prod(self.posterior_shape), key=k_post)
 
     def __call__(self, x):
         h = self.trunk(x)
         mean, log_var = jnp.split(self.posterior_head(h), 2)
-        return self.logits_head(h), mean.reshape(self.posterior_shape), log_var.reshape(self.posterior_shape)
+        return (
+            self.logits_head(h),
+            mean.reshape(self.posterior_shape),
+            log_var.reshape(self.posterior_shape),
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -125,7 +137,9 @@ class Encoder(eqx.Module):
 class Routing(NamedTuple):
     weights: jax.Array  # s, [..., K], on the simplex; exactly 0 on inactive channels
     responsibilities: jax.Array  # r = softmax(y'), [..., K]; exactly 0 on inactive channels
-    scores: jax.Array  # y' (softmax) or y' + g (gumbel, straight_through): s ranks channels by these
+    scores: (
+        jax.Array
+    )  # y' (softmax) or y' + g (gumbel, straight_through): s ranks channels by these
 
 
 def mask_logits(logits, active_mask=None):
@@ -180,7 +194,9 @@ def _decoder_input(z, embedding, *, film):
     """[z, e] for concat conditioning; z alone for FiLM (e modulates) and separate decoders."""
     if film or embedding is None:
         return z
-    return jnp.concatenate([z, jnp.broadcast_to(embedding, z.shape[:-1] + embedding.shape[-1:])], axis=-1)
+    return jnp.concatenate(
+        [z, jnp.broadcast_to(embedding, z.shape[:-1] + embedding.shape[-1:])], axis=-1
+    )
 
 
 def _film(h, film_layer, embedding):
@@ -208,7 +224,8 @@ class MLPDecoder(eqx.Module):
         )
         self.films = (
             tuple(eqx.nn.Linear(embed_dim, 2 * width, key=k) for k in keys[3:])
-            if conditioning == "film" else None
+            if conditioning == "film"
+            else None
         )
 
     def __call__(self, z, embedding=None):
@@ -248,8 +265,12 @@ class ConvDecoder(eqx.Module):
             eqx.nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1, key=keys[2]),
         )
         self.films = (
-            (eqx.nn.Linear(embed_dim, 2 * c2, key=keys[3]), eqx.nn.Linear(embed_dim, 2 * c1, key=keys[4]))
-            if conditioning == "film" else None
+            (
+                eqx.nn.Linear(embed_dim, 2 * c2, key=keys[3]),
+                eqx.nn.Linear(embed_dim, 2 * c1, key=keys[4]),
+            )
+            if conditioning == "film"
+            else None
         )
         self.extra = eqx.nn.Linear(dense_dim, num_extra, key=keys[5]) if num_extra else None
 
@@ -258,10 +279,12 @@ class ConvDecoder(eqx.Module):
         rows = z.shape[:-1]
 
         def deconv(layer, h):  # the transposed conv on every row's maps [..., C, S, S]
-            out = jax.vmap(layer)(h.reshape((-1,) + h.shape[len(rows):]))
+            out = jax.vmap(layer)(h.reshape((-1,) + h.shape[len(rows) :]))
             return out.reshape(rows + out.shape[1:])
 
-        h = jax.nn.relu(dense(self.dense, _decoder_input(z, embedding, film=self.films is not None)))
+        h = jax.nn.relu(
+            dense(self.dense, _decoder_input(z, embedding, film=self.films is not None))
+        )
         extra = None if self.extra is None else dense(self.extra, h)
         h = h.reshape(rows + (-1, self.base, self.base))
         if self.films is not None:
@@ -284,15 +307,33 @@ class ChannelDecoders(eqx.Module):
     embeddings: jax.Array | None  # [K, E]; None for separate decoders
     num_components: int = eqx.field(static=True)
 
-    def __init__(self, num_components, latent_dim, input_dim, num_extra, *, kind, conditioning,
-                 width, embed_dim, key):
+    def __init__(
+        self,
+        num_components,
+        latent_dim,
+        input_dim,
+        num_extra,
+        *,
+        kind,
+        conditioning,
+        width,
+        embed_dim,
+        key,
+    ):
         k_net, k_emb = jax.random.split(key)
         self.num_components = num_components
         cls = MLPDecoder if kind == "mlp" else ConvDecoder
 
         def make(k):
-            return cls(latent_dim, input_dim, num_extra, width=width, embed_dim=embed_dim,
-                       conditioning=conditioning, key=k)
+            return cls(
+                latent_dim,
+                input_dim,
+                num_extra,
+                width=width,
+                embed_dim=embed_dim,
+                conditioning=conditioning,
+                key=k,
+            )
 
         if conditioning == "separate":
             self.network = eqx.filter_vmap(make)(jax.random.split(k_net, num_components))
@@ -307,7 +348,9 @@ class ChannelDecoders(eqx.Module):
             # Channel by channel: XLA:CPU runs vmapped-weight (grouped) convolutions inside the
             # epoch's loop on a generic kernel, 1.3-1.4x slower than K plain convolutions.
             params, static = eqx.partition(self.network, eqx.is_array)
-            return jax.lax.map(lambda inputs: eqx.combine(inputs[0], static)(inputs[1]), (params, z))
+            return jax.lax.map(
+                lambda inputs: eqx.combine(inputs[0], static)(inputs[1]), (params, z)
+            )
         if self.embeddings is None:
             return eqx.filter_vmap(lambda net, z_k: net(z_k))(self.network, z)
         return self.network(z, self.embeddings[:, None, :])
@@ -326,10 +369,18 @@ class ChannelDecoders(eqx.Module):
         num_components = self.num_components
         flat = channels.reshape(-1)
         one_hot = jax.nn.one_hot(flat, num_components, dtype=jnp.int32)  # [N M, K]
-        position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # rank within its channel
+        position = jnp.sum(
+            (jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1
+        )  # rank within its channel
         kept = position < capacity
-        slot = jnp.where(kept, flat * capacity + position, num_components * capacity)  # dropped: out of range
-        source = jnp.zeros(num_components * capacity, jnp.int32).at[slot].set(jnp.arange(flat.size), mode="drop")
+        slot = jnp.where(
+            kept, flat * capacity + position, num_components * capacity
+        )  # dropped: out of range
+        source = (
+            jnp.zeros(num_components * capacity, jnp.int32)
+            .at[slot]
+            .set(jnp.arange(flat.size), mode="drop")
+        )
         dispatched = z.reshape(flat.size, -1)[source].reshape(num_components, capacity, -1)
         outputs = self(dispatched).reshape(num_components * capacity, -1)[jnp.where(kept, slot, 0)]
         outputs = jnp.where(kept[:, None], outputs, 0.0)
@@ -363,22 +414,55 @@ class MixVAE(eqx.Module):
     sigma_min: float = eqx.field(static=True)
     sigma_max: float = eqx.field(static=True)
 
-    def __init__(self, key, *, input_dim, num_components, latent_dim, latent_layout="decentralized",
-                 encoder="mlp", decoder="mlp", conditioning="concat", likelihood="bernoulli",
-                 width=256, embed_dim=16, logit_init_scale=10.0, learnable_pi=False, observation_sigma=0.1,
-                 sigma_min=0.05, sigma_max=1.0):
+    def __init__(
+        self,
+        key,
+        *,
+        input_dim,
+        num_components,
+        latent_dim,
+        latent_layout="decentralized",
+        encoder="mlp",
+        decoder="mlp",
+        conditioning="concat",
+        likelihood="bernoulli",
+        width=256,
+        embed_dim=16,
+        logit_init_scale=10.0,
+        learnable_pi=False,
+        observation_sigma=0.1,
+        sigma_min=0.05,
+        sigma_max=1.0,
+    ):
         for name, value, allowed in [
-            ("latent_layout", latent_layout, LATENT_LAYOUTS), ("encoder", encoder, ENCODERS),
-            ("decoder", decoder, DECODERS), ("conditioning", conditioning, CONDITIONINGS),
+            ("latent_layout", latent_layout, LATENT_LAYOUTS),
+            ("encoder", encoder, ENCODERS),
+            ("decoder", decoder, DECODERS),
+            ("conditioning", conditioning, CONDITIONINGS),
             ("likelihood", likelihood, LIKELIHOODS),
         ]:
             _check_choice(name, value, allowed)
         k_enc, k_dec = jax.random.split(key)
-        self.encoder = Encoder(input_dim, num_components, latent_dim, layout=latent_layout, kind=encoder,
-                               width=width, logit_init_scale=logit_init_scale, key=k_enc)
+        self.encoder = Encoder(
+            input_dim,
+            num_components,
+            latent_dim,
+            layout=latent_layout,
+            kind=encoder,
+            width=width,
+            logit_init_scale=logit_init_scale,
+            key=k_enc,
+        )
         self.decoders = ChannelDecoders(
-            num_components, latent_dim, input_dim, int(likelihood == "heteroscedastic"),
-            kind=decoder, conditioning=conditioning, width=width, embed_dim=embed_dim, key=k_dec,
+            num_components,
+            latent_dim,
+            input_dim,
+            int(likelihood == "heteroscedastic"),
+            kind=decoder,
+            conditioning=conditioning,
+            width=width,
+            embed_dim=embed_dim,
+            key=k_dec,
         )
         self.pi_logits = jnp.zeros(num_components) if learnable_pi else None
         self.num_components = num_components
@@ -427,16 +511,26 @@ def augment(x, key, strength=1.0):
     bilinear resampling, zero outside. strength 0 is the identity."""
     side = image_side(x.shape[-1])
     centre = (side - 1) / 2.0
-    rows, cols = jnp.meshgrid(jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij")
+    rows, cols = jnp.meshgrid(
+        jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij"
+    )
     grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
 
     def warp(image, image_key):
-        angle, scale, shear, *shift = strength * jax.random.uniform(image_key, (5,), minval=-1.0, maxval=1.0)
+        angle, scale, shear, *shift = strength * jax.random.uniform(
+            image_key, (5,), minval=-1.0, maxval=1.0
+        )
         angle = jnp.deg2rad(15.0) * angle
         cos, sin = jnp.cos(angle), jnp.sin(angle)
-        matrix = (1.0 + 0.1 * scale) * jnp.array([[cos, -sin], [sin, cos]]) @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
+        matrix = (
+            (1.0 + 0.1 * scale)
+            * jnp.array([[cos, -sin], [sin, cos]])
+            @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
+        )
         coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
-        warped = jax.scipy.ndimage.map_coordinates(image.reshape(side, side), list(coords), order=1, mode="constant")
+        warped = jax.scipy.ndimage.map_coordinates(
+            image.reshape(side, side), list(coords), order=1, mode="constant"
+        )
         return warped.reshape(-1)
 
     return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
@@ -471,7 +565,9 @@ def categorical_kl(responsibilities, pi, active_mask=None):
     if active_mask is not None:
         pi = jnp.where(active_mask, pi, 0.0)
     pi = pi / jnp.sum(pi, axis=-1, keepdims=True)
-    return jnp.sum(_xlogy(responsibilities, responsibilities) - _xlogy(responsibilities, pi), axis=-1)
+    return jnp.sum(
+        _xlogy(responsibilities, responsibilities) - _xlogy(responsibilities, pi), axis=-1
+    )
 
 
 def gaussian_kl(mean, log_var):
@@ -496,11 +592,14 @@ def softplus(v):
     return jnp.where(positive, v, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -v, v)))
 
 
-def reconstruction_nll(x, decoded, *, likelihood, observation_sigma=0.1, sigma_min=0.05, sigma_max=1.0):
+def reconstruction_nll(
+    x, decoded, *, likelihood, observation_sigma=0.1, sigma_min=0.05, sigma_max=1.0
+):
     """-log p(x | x_hat) summed over the P pixels.  x: [..., P], decoded: [..., P (+1)] -> [...].
 
     bernoulli:       decoded are logits; sum_p softplus(o_p) - x_p o_p.
-    gaussian:        mean sigmoid(o), fixed sigma; sum_p (x_p - mu_p)^2 / (2 sigma^2) + log(sqrt(2 pi) sigma).
+    gaussian:        mean sigmoid(o), fixed sigma;
+                     sum_p (x_p - mu_p)^2 / (2 sigma^2) + log(sqrt(2 pi) sigma).
     heteroscedastic: as gaussian with one sigma per image, clip(sigma_min + softplus(s), sigma_min,
                      sigma_max), s the decoder's last output.
     """
@@ -566,8 +665,12 @@ class Schedule(eqx.Module):
     kl_c_scale: jax.Array = eqx.field(converter=_float32)  # a(e)
     temperature: jax.Array = eqx.field(converter=_float32)  # tau
     active_mask: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, bool))  # A, [K]
-    logit_bias: jax.Array = eqx.field(default=0.0, converter=_float32)  # added to the routing logits
-    prior_scale: jax.Array = eqx.field(default=1.0, converter=_float32)  # multiplies the logit-MoG term
+    logit_bias: jax.Array = eqx.field(
+        default=0.0, converter=_float32
+    )  # added to the routing logits
+    prior_scale: jax.Array = eqx.field(
+        default=1.0, converter=_float32
+    )  # multiplies the logit-MoG term
     straight_through: jax.Array = eqx.field(default=True, converter=lambda v: jnp.asarray(v, bool))
 
 
@@ -578,7 +681,9 @@ class Terms(NamedTuple):
     weights: jax.Array  # s, [B, K]
     responsibilities: jax.Array  # r, [B, K]
     nll: jax.Array  # -log p(x | z_k), [B, K]; 0 where not decoded
-    decoded: jax.Array  # [B, K] bool: channels whose nll was computed (all, unless top_m in training)
+    decoded: (
+        jax.Array
+    )  # [B, K] bool: channels whose nll was computed (all, unless top_m in training)
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
     consistency: jax.Array  # symmetric KL(r(x), r(augment(x))), [B]; zeros without w_cons or noise
 
@@ -595,9 +700,16 @@ def decode_channels(model: MixVAE, z):
 
 def channel_nll(model: MixVAE, x, decoded):
     """-log p(x | x_hat) under the model's likelihood: x [..., P] broadcast against the decoder
-    outputs decoded [..., P (+1)] -> [...]; e.g. x [B, P] and decode_channels' [K, B, P] -> [K, B]."""
-    return reconstruction_nll(x, decoded, likelihood=model.likelihood, observation_sigma=model.observation_sigma,
-                              sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    outputs decoded [..., P (+1)] -> [...]; e.g. x [B, P] and decode_channels' [K, B, P] ->
+    [K, B]."""
+    return reconstruction_nll(
+        x,
+        decoded,
+        likelihood=model.likelihood,
+        observation_sigma=model.observation_sigma,
+        sigma_min=model.sigma_min,
+        sigma_max=model.sigma_max,
+    )
 
 
 def decode_top_m(model: MixVAE, x, z, scores, top_m: int, capacity_factor: float):
@@ -618,7 +730,11 @@ def decode_top_m(model: MixVAE, x, z, scores, top_m: int, capacity_factor: float
     outputs, kept = model.decoders.selected(z_rows, channels, capacity)
     nll_rows = channel_nll(model, x[:, None, :], outputs)  # [B, M]
     rows = jnp.arange(batch)[:, None]
-    nll = jnp.zeros((batch, num_components), nll_rows.dtype).at[rows, channels].set(jnp.where(kept, nll_rows, 0.0))
+    nll = (
+        jnp.zeros((batch, num_components), nll_rows.dtype)
+        .at[rows, channels]
+        .set(jnp.where(kept, nll_rows, 0.0))
+    )
     return nll, jnp.zeros((batch, num_components), bool).at[rows, channels].set(kept)
 
 
@@ -637,23 +753,41 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
     chex.assert_rank(x, 2)
     logits, mean, log_var = jax.vmap(model.encoder)(x)
     route_key, noise_key = (None, None) if key is None else jax.random.split(key)
-    routing = route(logits + sched.logit_bias, route_key, temperature=sched.temperature, mode=objective.router,
-                    active_mask=sched.active_mask, hard=sched.straight_through)
+    routing = route(
+        logits + sched.logit_bias,
+        route_key,
+        temperature=sched.temperature,
+        mode=objective.router,
+        active_mask=sched.active_mask,
+        hard=sched.straight_through,
+    )
     z = mean
     if key is not None:
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
     weights = routing.weights
     if key is not None and objective.top_m is not None and objective.top_m < model.num_components:
-        nll, decoded = decode_top_m(model, x, z, routing.scores, objective.top_m, objective.top_m_capacity)
+        nll, decoded = decode_top_m(
+            model, x, z, routing.scores, objective.top_m, objective.top_m_capacity
+        )
         weights = restrict(weights, decoded)
     else:
         nll = channel_nll(model, x, decode_channels(model, z)).T
         decoded = jnp.ones(nll.shape, bool)
     consistency = jnp.zeros(x.shape[0])
     if objective.consistency_weight > 0 and key is not None:
-        augmented_logits, _, _ = jax.vmap(model.encoder)(augment(x, jax.random.fold_in(key, 1), objective.augment_strength))
+        augmented_logits, _, _ = jax.vmap(model.encoder)(
+            augment(x, jax.random.fold_in(key, 1), objective.augment_strength)
+        )
         consistency = symmetric_kl(logits, augmented_logits, sched.active_mask)
-    return Terms(logits, weights, routing.responsibilities, nll, decoded, gaussian_kl(mean, log_var), consistency)
+    return Terms(
+        logits,
+        weights,
+        routing.responsibilities,
+        nll,
+        decoded,
+        gaussian_kl(mean, log_var),
+        consistency,
+    )
 
 
 def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
@@ -679,22 +813,34 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
     uses_categorical = objective.c_regularizer in ("categorical", "both")
     uses_logit_mog = objective.c_regularizer in ("logit_mog", "both")
     kl_c_term = sched.kl_c_scale * objective.kl_c_weight * kl_c if uses_categorical else 0.0
-    neg_log_prior = -logit_mog_log_prior(terms.logits, mean=objective.prior_mean,
-                                         sigma=objective.prior_sigma, active_mask=mask)
+    neg_log_prior = -logit_mog_log_prior(
+        terms.logits, mean=objective.prior_mean, sigma=objective.prior_sigma, active_mask=mask
+    )
     k_active = jnp.sum(mask).astype(jnp.float32)
     logit_mog_scale = sched.kl_c_scale * objective.prior_weight * sched.prior_scale * (k_active > 1)
     logit_mog_term = logit_mog_scale * jnp.mean(neg_log_prior) if uses_logit_mog else jnp.zeros(())
-    dirichlet_term = (objective.dirichlet_weight * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
-                      if objective.dirichlet_alpha is not None else jnp.zeros(()))
+    dirichlet_term = (
+        objective.dirichlet_weight * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
+        if objective.dirichlet_alpha is not None
+        else jnp.zeros(())
+    )
     usage = jnp.mean(r, axis=0)
     diversity = entropy(usage)
     consistency = jnp.mean(terms.consistency)
-    loss = (reconstruction + objective.beta_z * jnp.mean(kl_z) + kl_c_term + logit_mog_term
-            + objective.consistency_weight * consistency
-            + dirichlet_term + objective.diversity_weight * diversity)
+    loss = (
+        reconstruction
+        + objective.beta_z * jnp.mean(kl_z)
+        + kl_c_term
+        + logit_mog_term
+        + objective.consistency_weight * consistency
+        + dirichlet_term
+        + objective.diversity_weight * diversity
+    )
     # -ELBO of the mixture posterior q(c|x) = r: E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi).
     expected_kl_z = kl_z if kl_z_per_channel is None else jnp.sum(r * kl_z_per_channel, axis=-1)
-    r_decoded = r if objective.top_m is None else restrict(r, terms.decoded)  # top_m: E_r over decoded channels
+    r_decoded = (
+        r if objective.top_m is None else restrict(r, terms.decoded)
+    )  # top_m: E_r over decoded channels
     neg_elbo = jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z) + kl_c
     k_eff, active_components = usage_stats(usage)
     metrics = {
@@ -726,7 +872,8 @@ METRICS = {
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
     "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L (0 while |A| = 1)",
-    "consistency": "symmetric KL between the routing of x and of a randomly warped x, unweighted (training)",
+    "consistency": "symmetric KL between the routing of x and of a randomly warped x, unweighted "
+    "(training)",
     "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
     "component_diversity": "H(E_batch r), usage entropy",
     "component_entropy": "E[H(r)], per-example routing entropy",
@@ -757,7 +904,8 @@ def summarize(stacked_metrics):
 def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
     """Importance-weighted estimate of log p(x), p(x) = sum_k pi_k int p(x|z,k) N(z; 0, I) dz:
 
-    log p(x) ~ logsumexp_{s,k} [log pi_k + log p(x|z_sk, k) + log N(z_sk; 0, I) - log q(z_sk|x, k)] - log S,
+    log p(x) ~ logsumexp_{s,k} [log pi_k + log p(x|z_sk, k) + log N(z_sk; 0, I) - log q(z_sk|x, k)]
+               - log S,
     z_sk ~ q(z|x, k) (one shared z_s for the `shared` layout). Every channel is summed exactly, so
     the estimate never depends on the router; it is a lower bound that tightens as S grows.
     x: [B, P] -> [B].
@@ -785,8 +933,9 @@ def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
 
 def make_optimizer(learning_rate, *, weight_decay=1e-4, clip_norm=10.0):
     """Global-norm clipping, then AdamW."""
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(learning_rate, weight_decay=weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay)
+    )
 
 
 def init_optimizer(optimizer, model):
@@ -805,10 +954,16 @@ def to_unit_interval(images):
 def train_step(model, opt_state, x, key, sched, objective, optimizer):
     """One gradient step on batch x: returns (model, opt_state, metrics + the gradient's global norm
     before clipping, grad_norm)."""
-    (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, x, key, sched, objective)
+    (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+        model, x, key, sched, objective
+    )
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return eqx.apply_updates(model, updates), opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return (
+        eqx.apply_updates(model, updates),
+        opt_state,
+        {**metrics, "grad_norm": optax.tree.norm(grads)},
+    )
 
 
 @eqx.filter_jit
@@ -823,12 +978,15 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
         params, opt_state = carry
         indices, step_key = inputs
         x = to_unit_interval(images[indices])
-        model, opt_state, metrics = train_step(eqx.combine(params, static), opt_state, x, step_key,
-                                               sched, objective, optimizer)
+        model, opt_state, metrics = train_step(
+            eqx.combine(params, static), opt_state, x, step_key, sched, objective, optimizer
+        )
         return (eqx.filter(model, eqx.is_array), opt_state), metrics
 
     step_keys = jax.random.split(key, batch_indices.shape[0])
-    (params, opt_state), metrics = jax.lax.scan(step, (params, opt_state), (batch_indices, step_keys))
+    (params, opt_state), metrics = jax.lax.scan(
+        step, (params, opt_state), (batch_indices, step_keys)
+    )
     return eqx.combine(params, static), opt_state, metrics
 
 
@@ -838,8 +996,11 @@ def train_replicas(models, opt_states, images, batch_indices, keys, sched, objec
     """train_epoch of R independent replicas (e.g. seeds) as one compiled call, vmapped over the
     stacked models and optimizer states, their batch orders [R, S, B] and keys [R]; the images,
     schedule and objective are shared. Under a data-sharded batch_indices XLA runs it SPMD."""
+
     def epoch(model, opt_state, replica_batches, key):
-        return train_epoch(model, opt_state, images, replica_batches, key, sched, objective, optimizer)
+        return train_epoch(
+            model, opt_state, images, replica_batches, key, sched, objective, optimizer
+        )
 
     return over_replicas(epoch, models, opt_states, batch_indices, keys)
 
@@ -871,8 +1032,9 @@ def over_replicas(fn, *stacked):
 
 
 def map_in_chunks(fn, images, chunk_size=256):
-    """fn(x, start) on consecutive chunks x [chunk_size, P] of `images` [N, P] scaled to [0, 1], as one
-    lax.map (the last chunk zero-padded); results concatenated and cut to N. Call it under jit."""
+    """fn(x, start) on consecutive chunks x [chunk_size, P] of `images` [N, P] scaled to [0, 1],
+    as one lax.map (the last chunk zero-padded); results concatenated and cut to N. Call it under
+    jit."""
     num = images.shape[0]
     chunk_size = min(chunk_size, num)
     padded = jnp.pad(images, [(0, -num % chunk_size)] + [(0, 0)] * (images.ndim - 1))
@@ -886,7 +1048,9 @@ def map_in_chunks(fn, images, chunk_size=256):
 def evaluate(model, images, sched, objective, chunk_size=256):
     """Deterministic forward pass (no noise) over `images` [N, P] in chunks, then the objective
     over the whole split as one batch; one compiled call. Returns (metrics, terms)."""
-    terms = map_in_chunks(lambda x, _: forward(model, x, None, sched, objective), images, chunk_size)
+    terms = map_in_chunks(
+        lambda x, _: forward(model, x, None, sched, objective), images, chunk_size
+    )
     _, metrics = aggregate(model, terms, sched, objective)
     return metrics, terms
 
@@ -900,5 +1064,10 @@ def validate_replicas(models, images, sched, objective):
 @eqx.filter_jit
 def evaluate_iw(model, images, key, sched, num_samples, chunk_size=256):
     """iw_log_likelihood of every image of `images` [N, P], in chunks -> [N]; one compiled call."""
-    return map_in_chunks(lambda x, start: iw_log_likelihood(model, x, jax.random.fold_in(key, start), sched,
-                                                            num_samples), images, chunk_size)
+    return map_in_chunks(
+        lambda x, start: iw_log_likelihood(
+            model, x, jax.random.fold_in(key, start), sched, num_samples
+        ),
+        images,
+        chunk_size,
+    )

@@ -31,7 +31,9 @@ def reference_log_prior(y, mean, sigma, mask):
     num_components = y.shape[-1]
     active = np.flatnonzero(mask)
     log_densities = [
-        multivariate_normal(mean * np.eye(num_components)[k], sigma**2 * np.eye(num_components)).logpdf(y)
+        multivariate_normal(
+            mean * np.eye(num_components)[k], sigma**2 * np.eye(num_components)
+        ).logpdf(y)
         for k in active
     ]
     return np_logsumexp(np.stack(log_densities, axis=-1), axis=-1) - np.log(len(active))
@@ -46,7 +48,10 @@ def test_logit_mog_penalty_prefers_axis_aligned_logits():
     """The seed's guard: axis-aligned logits get a lower penalty than flat logits."""
     axis_aligned = jnp.array([[7.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, 0.0]])
     flat = jnp.full((2, 4), 7.0 / 4)
-    penalty = lambda y: -mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0)
+
+    def penalty(y):
+        return -mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0)
+
     assert np.all(penalty(axis_aligned) < penalty(flat))
 
 
@@ -62,8 +67,9 @@ def test_logit_mog_log_prior_matches_scipy(num_components, mean, sigma, masked):
         mask = rng.random(num_components) < 0.5
         mask[rng.integers(num_components)] = True
     expected = reference_log_prior(y, mean, sigma, mask)
-    got = mixvae.logit_mog_log_prior(jnp.asarray(y, jnp.float32), mean=mean, sigma=sigma,
-                                     active_mask=jnp.asarray(mask))
+    got = mixvae.logit_mog_log_prior(
+        jnp.asarray(y, jnp.float32), mean=mean, sigma=sigma, active_mask=jnp.asarray(mask)
+    )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
@@ -72,9 +78,14 @@ def test_loss_terms_take_any_leading_batch_shape():
     mask = jnp.array([True, False, True, True])
     prior = mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0, active_mask=mask)
     assert prior.shape == (2, 3)
-    np.testing.assert_allclose(prior.reshape(-1), reference_log_prior(np.asarray(y, float).reshape(6, 4), 7.0, 1.0,
-                                                                      np.asarray(mask)), rtol=1e-5)
-    routing = mixvae.route(y, jax.random.key(1), temperature=0.5, mode="straight_through", active_mask=mask)
+    np.testing.assert_allclose(
+        prior.reshape(-1),
+        reference_log_prior(np.asarray(y, float).reshape(6, 4), 7.0, 1.0, np.asarray(mask)),
+        rtol=1e-5,
+    )
+    routing = mixvae.route(
+        y, jax.random.key(1), temperature=0.5, mode="straight_through", active_mask=mask
+    )
     assert routing.weights.shape == (2, 3, 4) and np.all(np.asarray(routing.weights)[..., 1] == 0)
     r = routing.responsibilities
     assert mixvae.categorical_kl(r, jnp.full(4, 0.25), mask).shape == (2, 3)
@@ -88,7 +99,9 @@ def test_logit_mog_masked_channels_leave_the_distances_but_not_the_sum():
     y = jnp.array([[6.0, 1.0, -2.0], [0.5, 0.2, 9.0]])
     mask = jnp.array([True, True, False])
     got = mixvae.logit_mog_log_prior(y, mean=7.0, sigma=1.0, active_mask=mask)
-    np.testing.assert_allclose(got, reference_log_prior(np.asarray(y, float), 7.0, 1.0, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        got, reference_log_prior(np.asarray(y, float), 7.0, 1.0, mask), rtol=1e-6
+    )
     assert np.all(np.isfinite(got))
 
 
@@ -105,11 +118,15 @@ def test_logit_mog_masked_channels_leave_the_distances_but_not_the_sum():
 def test_logit_mog_extremes_are_finite_with_finite_gradients(logits, sigma, mask):
     y = jnp.asarray(logits, jnp.float32)
     active = None if mask is None else jnp.asarray(mask)
-    fn = lambda y: jnp.sum(mixvae.logit_mog_log_prior(y, mean=7.0, sigma=sigma, active_mask=active))
+
+    def fn(y):
+        return jnp.sum(mixvae.logit_mog_log_prior(y, mean=7.0, sigma=sigma, active_mask=active))
+
     value, grad = jax.value_and_grad(fn)(y)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
-    reference = reference_log_prior(np.asarray(logits, float), 7.0, sigma,
-                                    np.ones(y.shape[-1], bool) if mask is None else mask)
+    reference = reference_log_prior(
+        np.asarray(logits, float), 7.0, sigma, np.ones(y.shape[-1], bool) if mask is None else mask
+    )
     np.testing.assert_allclose(float(value), reference.sum(), rtol=1e-5)
 
 
@@ -135,7 +152,10 @@ def test_categorical_kl_with_zeros_and_mask_renormalises_pi():
     pi_active = pi * mask / np.sum(pi * mask)
     with np.errstate(divide="ignore", invalid="ignore"):
         expected = np.nansum(np.where(r > 0, r * np.log(r / pi_active), 0.0), axis=-1)
-    fn = lambda r: mixvae.categorical_kl(r, jnp.asarray(pi), jnp.asarray(mask))
+
+    def fn(r):
+        return mixvae.categorical_kl(r, jnp.asarray(pi), jnp.asarray(mask))
+
     got, grad = fn(jnp.asarray(r)), jax.grad(lambda r: jnp.sum(fn(r)))(jnp.asarray(r))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert np.all(np.isfinite(grad))
@@ -145,13 +165,17 @@ def test_gaussian_kl_matches_closed_form():
     rng = np.random.default_rng(1)
     mean, log_var = rng.normal(size=(2, 7, 3))
     expected = 0.5 * np.sum(mean**2 + np.exp(log_var) - 1 - log_var, axis=-1)
-    np.testing.assert_allclose(mixvae.gaussian_kl(jnp.asarray(mean), jnp.asarray(log_var)), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        mixvae.gaussian_kl(jnp.asarray(mean), jnp.asarray(log_var)), expected, rtol=1e-5
+    )
     assert float(mixvae.gaussian_kl(jnp.zeros(3), jnp.zeros(3))) == 0.0
 
 
 def test_dirichlet_penalty_and_entropy():
     pi = np.array([0.5, 0.25, 0.25])
-    np.testing.assert_allclose(mixvae.dirichlet_penalty(jnp.asarray(pi), 3.0), -2 * np.log(pi).sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        mixvae.dirichlet_penalty(jnp.asarray(pi), 3.0), -2 * np.log(pi).sum(), rtol=1e-6
+    )
     np.testing.assert_allclose(mixvae.entropy(jnp.asarray([1.0, 0.0])), 0.0)
     np.testing.assert_allclose(mixvae.entropy(jnp.full(4, 0.25)), np.log(4), rtol=1e-6)
 
@@ -163,15 +187,27 @@ def test_reconstruction_nll_matches_scipy(likelihood):
     rng = np.random.default_rng(2)
     x = rng.random((3, 5))
     out = rng.normal(size=(3, 6))
-    got = mixvae.reconstruction_nll(jnp.asarray(x), jnp.asarray(out), likelihood=likelihood,
-                                    observation_sigma=0.2, sigma_min=0.05, sigma_max=1.0)
+    got = mixvae.reconstruction_nll(
+        jnp.asarray(x),
+        jnp.asarray(out),
+        likelihood=likelihood,
+        observation_sigma=0.2,
+        sigma_min=0.05,
+        sigma_max=1.0,
+    )
     p = 1 / (1 + np.exp(-out[:, :5]))
     if likelihood == "bernoulli":
         binary = (x > 0.5).astype(float)  # the Bernoulli pmf at binary x; the formula covers [0,1]
-        got = mixvae.reconstruction_nll(jnp.asarray(binary), jnp.asarray(out), likelihood=likelihood)
+        got = mixvae.reconstruction_nll(
+            jnp.asarray(binary), jnp.asarray(out), likelihood=likelihood
+        )
         expected = -bernoulli(p).logpmf(binary).sum(-1)
     else:
-        sigma = 0.2 if likelihood == "gaussian" else np.clip(0.05 + np.log1p(np.exp(out[:, 5:])), 0.05, 1.0)
+        sigma = (
+            0.2
+            if likelihood == "gaussian"
+            else np.clip(0.05 + np.log1p(np.exp(out[:, 5:])), 0.05, 1.0)
+        )
         expected = -norm(p, sigma).logpdf(x).sum(-1)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -180,7 +216,9 @@ def test_softplus_and_its_gradient_match_float64_at_any_scale():
     from scipy.special import expit
 
     v = np.array([-1e4, -88.0, -30.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 30.0, 88.0, 1e4])
-    np.testing.assert_allclose(mixvae.softplus(jnp.asarray(v, jnp.float32)), np.logaddexp(0.0, v), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(
+        mixvae.softplus(jnp.asarray(v, jnp.float32)), np.logaddexp(0.0, v), rtol=1e-6, atol=1e-30
+    )
     grad = jax.vmap(jax.grad(mixvae.softplus))(jnp.asarray(v, jnp.float32))
     np.testing.assert_allclose(grad, expit(v), rtol=1e-6, atol=1e-30)
 
@@ -197,25 +235,35 @@ MASK = jnp.array([True, True, False, True])
 @pytest.mark.parametrize("mode", mixvae.ROUTERS)
 def test_masked_channels_get_exactly_zero_weight_in_every_mode(mode):
     for key in (jax.random.key(0), None):
-        routing = mixvae.route(LOGITS + 10.0 * ~MASK, key, temperature=0.5, mode=mode, active_mask=MASK)
+        routing = mixvae.route(
+            LOGITS + 10.0 * ~MASK, key, temperature=0.5, mode=mode, active_mask=MASK
+        )
         assert np.all(np.asarray(routing.weights)[:, 2] == 0.0)
         assert np.all(np.asarray(routing.responsibilities)[:, 2] == 0.0)
         np.testing.assert_allclose(np.sum(routing.weights, -1), 1.0, rtol=1e-6)
 
 
 def test_straight_through_is_one_hot_forward_and_soft_backward():
-    soft_when_not_hard = mixvae.route(LOGITS, jax.random.key(3), temperature=0.7, mode="straight_through", hard=False)
-    np.testing.assert_array_equal(soft_when_not_hard.weights,
-                                  mixvae.route(LOGITS, jax.random.key(3), temperature=0.7, mode="gumbel").weights)
+    soft_when_not_hard = mixvae.route(
+        LOGITS, jax.random.key(3), temperature=0.7, mode="straight_through", hard=False
+    )
+    np.testing.assert_array_equal(
+        soft_when_not_hard.weights,
+        mixvae.route(LOGITS, jax.random.key(3), temperature=0.7, mode="gumbel").weights,
+    )
     key = jax.random.key(3)
     routing = mixvae.route(LOGITS, key, temperature=0.7, mode="straight_through")
     weights = np.asarray(routing.weights)
     assert set(np.unique(weights)) <= {0.0, 1.0} and np.all(weights.sum(-1) == 1.0)
     probe = jnp.arange(12.0).reshape(3, 4)
-    hard_grad = jax.grad(lambda y: jnp.sum(probe * mixvae.route(
-        y, key, temperature=0.7, mode="straight_through").weights))(LOGITS)
-    soft_grad = jax.grad(lambda y: jnp.sum(probe * mixvae.route(
-        y, key, temperature=0.7, mode="gumbel").weights))(LOGITS)
+    hard_grad = jax.grad(
+        lambda y: jnp.sum(
+            probe * mixvae.route(y, key, temperature=0.7, mode="straight_through").weights
+        )
+    )(LOGITS)
+    soft_grad = jax.grad(
+        lambda y: jnp.sum(probe * mixvae.route(y, key, temperature=0.7, mode="gumbel").weights)
+    )(LOGITS)
     np.testing.assert_allclose(hard_grad, soft_grad, rtol=1e-6)
     assert np.any(hard_grad != 0)
 
@@ -241,8 +289,12 @@ def tiny_model(key=0, **kwargs):
 
 
 def all_active(num_components=3, **kwargs):
-    return mixvae.Schedule(**({"kl_c_scale": 1.0, "temperature": 1.0,
-                               "active_mask": jnp.ones(num_components, bool)} | kwargs))
+    return mixvae.Schedule(
+        **(
+            {"kl_c_scale": 1.0, "temperature": 1.0, "active_mask": jnp.ones(num_components, bool)}
+            | kwargs
+        )
+    )
 
 
 TINY_BATCH = (jax.random.uniform(jax.random.key(42), (16, 64)) > 0.6).astype(jnp.float32)
@@ -259,8 +311,9 @@ def test_model_trains_on_a_tiny_batch(conditioning, decoder):
     key = jax.random.key(0)
     first, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
     for step in range(50):
-        model, opt_state, metrics = mixvae.train_step(model, opt_state, TINY_BATCH, jax.random.fold_in(key, step),
-                                                      sched, objective, optimizer)
+        model, opt_state, metrics = mixvae.train_step(
+            model, opt_state, TINY_BATCH, jax.random.fold_in(key, step), sched, objective, optimizer
+        )
         assert np.isfinite(metrics["loss"])
     last, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
     assert float(last) < 0.8 * float(first)
@@ -278,8 +331,10 @@ def test_separate_decoders_are_independent_stacked_networks(decoder):
     np.testing.assert_allclose(out[1], one(z[1]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("conditioning,layout", [("separate", "decentralized"), ("concat", "shared"),
-                                                 ("film", "decentralized")])
+@pytest.mark.parametrize(
+    "conditioning,layout",
+    [("separate", "decentralized"), ("concat", "shared"), ("film", "decentralized")],
+)
 def test_top_m_decodes_exactly_the_top_channels(conditioning, layout):
     model = tiny_model(num_components=4, conditioning=conditioning, latent_layout=layout)
     x = TINY_BATCH
@@ -295,7 +350,9 @@ def test_top_m_decodes_exactly_the_top_channels(conditioning, layout):
     top = np.argsort(-np.asarray(scores), axis=1)[:, :2]
     expected = np.zeros(full.shape, bool)
     np.put_along_axis(expected, top, True, axis=1)
-    np.testing.assert_array_equal(decoded, expected)  # separate: capacity ceil(2 16 2 / 4) = B, no drops
+    np.testing.assert_array_equal(
+        decoded, expected
+    )  # separate: capacity ceil(2 16 2 / 4) = B, no drops
     np.testing.assert_allclose(np.where(expected, full, 0.0), nll, rtol=1e-5)
 
 
@@ -324,7 +381,9 @@ def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
     one = TINY_BATCH[:1]
     used = np.flatnonzero(mixvae.forward(model, one, key, sched, objective).decoded[0])
     grads = eqx.filter_grad(lambda m: mixvae.loss_fn(m, one, key, sched, objective)[0])(model)
-    last = np.abs(np.asarray(grads.decoders.network.layers[-1].weight)).sum(axis=(1, 2))  # per channel
+    last = np.abs(np.asarray(grads.decoders.network.layers[-1].weight)).sum(
+        axis=(1, 2)
+    )  # per channel
     assert len(used) == 2 and np.all(last[used] > 0) and np.all(np.delete(last, used) == 0)
     # Evaluation (no key) decodes every channel whatever top_m is.
     assert np.all(mixvae.forward(model, TINY_BATCH, None, sched, objective).decoded)
@@ -339,12 +398,18 @@ def test_train_step_and_epoch_compile_once_across_schedule_values():
     before_epoch = eqx.debug.get_num_traces(mixvae.train_epoch)
     batches = jnp.arange(16).reshape(2, 8)
     mask = jnp.ones(3, bool)
-    for scale, temperature, active in [(0.1, 2.0, mask), (0.5, 1.0, mask), (1.0, 0.3, mask.at[2].set(False))]:
+    for scale, temperature, active in [
+        (0.1, 2.0, mask),
+        (0.5, 1.0, mask),
+        (1.0, 0.3, mask.at[2].set(False)),
+    ]:
         sched = all_active(kl_c_scale=scale, temperature=temperature, active_mask=active)
-        model, opt_state, _ = mixvae.train_step(model, opt_state, TINY_BATCH, jax.random.key(0), sched,
-                                                objective, optimizer)
-        model, opt_state, _ = mixvae.train_epoch(model, opt_state, TINY_BATCH, batches, jax.random.key(1),
-                                                 sched, objective, optimizer)
+        model, opt_state, _ = mixvae.train_step(
+            model, opt_state, TINY_BATCH, jax.random.key(0), sched, objective, optimizer
+        )
+        model, opt_state, _ = mixvae.train_epoch(
+            model, opt_state, TINY_BATCH, batches, jax.random.key(1), sched, objective, optimizer
+        )
     # train_epoch traces train_step once inside its own single trace.
     assert eqx.debug.get_num_traces(mixvae.train_step) - before_step == 2
     assert eqx.debug.get_num_traces(mixvae.train_epoch) - before_epoch == 1
@@ -353,31 +418,59 @@ def test_train_step_and_epoch_compile_once_across_schedule_values():
 def test_loss_terms_follow_the_regularizer_choice_and_schedule():
     model = tiny_model()
     sched = all_active(kl_c_scale=0.25)
-    _, cat = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="categorical"))
-    _, mog = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="logit_mog",
-                                                                             prior_weight=2.0))
-    _, both = mixvae.loss_fn(model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="both",
-                                                                              kl_c_weight=3.0, prior_weight=2.0))
+    _, cat = mixvae.loss_fn(
+        model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="categorical")
+    )
+    _, mog = mixvae.loss_fn(
+        model,
+        TINY_BATCH,
+        None,
+        sched,
+        mixvae.Objective(c_regularizer="logit_mog", prior_weight=2.0),
+    )
+    _, both = mixvae.loss_fn(
+        model,
+        TINY_BATCH,
+        None,
+        sched,
+        mixvae.Objective(c_regularizer="both", kl_c_weight=3.0, prior_weight=2.0),
+    )
     assert float(cat["kl_c_logit_mog"]) == 0.0
-    terms = mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="straight_through"))
+    terms = mixvae.forward(
+        model, TINY_BATCH, None, sched, mixvae.Objective(router="straight_through")
+    )
     neg_log_prior = -mixvae.logit_mog_log_prior(terms.logits, mean=7.0, sigma=1.0)
-    np.testing.assert_allclose(mog["kl_c_logit_mog"], 0.25 * 2.0 * np.mean(neg_log_prior), rtol=1e-6)
-    rest = lambda m: m["reconstruction_loss"] + m["kl_z"]
+    np.testing.assert_allclose(
+        mog["kl_c_logit_mog"], 0.25 * 2.0 * np.mean(neg_log_prior), rtol=1e-6
+    )
+
+    def rest(m):
+        return m["reconstruction_loss"] + m["kl_z"]
+
     np.testing.assert_allclose(cat["loss"], rest(cat) + 0.25 * cat["kl_c"], rtol=1e-6)
-    np.testing.assert_allclose(both["loss"], rest(both) + 0.25 * 3.0 * both["kl_c"] + both["kl_c_logit_mog"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        both["loss"], rest(both) + 0.25 * 3.0 * both["kl_c"] + both["kl_c_logit_mog"], rtol=1e-6
+    )
 
 
 def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     model = tiny_model()
     mask = jnp.array([True, False, True])
     sched = all_active(active_mask=mask)
-    terms = mixvae.forward(model, TINY_BATCH, jax.random.key(0), sched, mixvae.Objective(router="gumbel"))
-    assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(np.asarray(terms.responsibilities)[:, 1] == 0)
+    terms = mixvae.forward(
+        model, TINY_BATCH, jax.random.key(0), sched, mixvae.Objective(router="gumbel")
+    )
+    assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(
+        np.asarray(terms.responsibilities)[:, 1] == 0
+    )
     _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective())
-    two_channel = np.sum(np.asarray(terms.weights)[:, [0, 2]] * np.asarray(terms.nll)[:, [0, 2]], -1).mean()
+    two_channel = np.sum(
+        np.asarray(terms.weights)[:, [0, 2]] * np.asarray(terms.nll)[:, [0, 2]], -1
+    ).mean()
     np.testing.assert_allclose(metrics["reconstruction_loss"], two_channel, rtol=1e-6)
-    expected = -mixvae.logit_mog_log_prior(terms.logits, mean=7.0, sigma=1.0, active_mask=mask).mean()
+    expected = -mixvae.logit_mog_log_prior(
+        terms.logits, mean=7.0, sigma=1.0, active_mask=mask
+    ).mean()
     np.testing.assert_allclose(metrics["kl_c_logit_mog"], expected, rtol=1e-6)
     assert float(metrics["k_active"]) == 2.0
 
@@ -397,9 +490,11 @@ def test_evaluate_in_chunks_equals_one_batch():
 def test_metrics_cover_the_design_list():
     _, metrics = mixvae.loss_fn(tiny_model(), TINY_BATCH, None, all_active(), mixvae.Objective())
     assert set(mixvae.METRICS) <= set(metrics)
-    design = ("loss reconstruction_loss kl_z kl_c kl_c_logit_mog dirichlet_penalty component_diversity "
-              "component_entropy responsibility_confidence k_eff active_components pi_entropy kl_c_scale "
-              "gumbel_temperature k_active").split()
+    design = (
+        "loss reconstruction_loss kl_z kl_c kl_c_logit_mog dirichlet_penalty component_diversity "
+        "component_entropy responsibility_confidence k_eff active_components pi_entropy kl_c_scale "
+        "gumbel_temperature k_active"
+    ).split()
     assert set(design) <= set(mixvae.METRICS)
 
 
@@ -411,15 +506,33 @@ REPO = Path(__file__).parent
 
 
 def run_cli(*args, timeout=180):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_usage_line_parses_to_the_expected_config():
     config = train.parse_config(["--c-regularizer", "logit_mog", "--prior-mean", "7"])
     assert config == configs.Config(c_regularizer="logit_mog", prior_mean=7.0)
-    config = train.parse_config(["--c-regularizer", "both", "--prior-sigma", "0.5", "--kl-c-weight", "0",
-                                 "--learnable-pi", "--dirichlet-alpha", "2", "--router", "gumbel"])
+    config = train.parse_config(
+        [
+            "--c-regularizer",
+            "both",
+            "--prior-sigma",
+            "0.5",
+            "--kl-c-weight",
+            "0",
+            "--learnable-pi",
+            "--dirichlet-alpha",
+            "2",
+            "--router",
+            "gumbel",
+        ]
+    )
     assert (config.c_regularizer, config.prior_sigma, config.kl_c_weight) == ("both", 0.5, 0.0)
     assert config.learnable_pi and config.dirichlet_alpha == 2.0 and config.router == "gumbel"
 
@@ -427,7 +540,12 @@ def test_usage_line_parses_to_the_expected_config():
 def test_preset_sets_defaults_and_flags_override_it():
     quick = train.parse_config(["--preset", "quick"])
     assert quick == configs.PRESETS["quick"]
-    assert (quick.c_regularizer, quick.prior_mean, quick.prior_sigma, quick.prior_weight) == ("logit_mog", 7, 1, 1)
+    assert (quick.c_regularizer, quick.prior_mean, quick.prior_sigma, quick.prior_weight) == (
+        "logit_mog",
+        7,
+        1,
+        1,
+    )
     assert quick.kl_c_weight == 0 and quick.router == "straight_through"
     overridden = train.parse_config(["--latent-dim", "3", "--preset", "quick"])
     assert overridden.latent_dim == 3 and overridden.num_components == quick.num_components
@@ -467,12 +585,40 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
 
 def test_a_short_run_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
-    assert train.main(["--out-dir", str(out), "--epochs", "2", "--hidden-dim", "16", "--latent-dim", "2",
-                       "--num-components", "4", "--c-regularizer", "both"]) == 0
-    for name in ["config.json", "history.csv", "summary.json", "REPORT.md", "checkpoint.eqx", "checkpoint.json",
-                 "figures/loss_curves.png", "figures/routing.png", "figures/usage.png",
-                 "figures/reconstructions.png", "figures/samples.png", "figures/latent.png",
-                 "figures/contingency.png"]:
+    assert (
+        train.main(
+            [
+                "--out-dir",
+                str(out),
+                "--epochs",
+                "2",
+                "--hidden-dim",
+                "16",
+                "--latent-dim",
+                "2",
+                "--num-components",
+                "4",
+                "--c-regularizer",
+                "both",
+            ]
+        )
+        == 0
+    )
+    for name in [
+        "config.json",
+        "history.csv",
+        "summary.json",
+        "REPORT.md",
+        "checkpoint.eqx",
+        "checkpoint.json",
+        "figures/loss_curves.png",
+        "figures/routing.png",
+        "figures/usage.png",
+        "figures/reconstructions.png",
+        "figures/samples.png",
+        "figures/latent.png",
+        "figures/contingency.png",
+    ]:
         assert (out / name).is_file(), name
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -483,16 +629,34 @@ def test_a_short_run_writes_every_artifact(tmp_path):
     for name in mixvae.METRICS:
         assert np.isfinite(summary["training"][f"final_{name}"]), name
         assert f"final_val_{name}" in summary["training"]
-    assert summary["training"]["epochs_completed"] == 2 and summary["training"]["best_epoch"] in (1, 2)
+    assert summary["training"]["epochs_completed"] == 2 and summary["training"]["best_epoch"] in (
+        1,
+        2,
+    )
     assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
-    for name in ["cluster_accuracy", "nmi", "ari", "many_to_one_accuracy", "neg_elbo", "k_eff", "iw_nll"]:
+    for name in [
+        "cluster_accuracy",
+        "nmi",
+        "ari",
+        "many_to_one_accuracy",
+        "neg_elbo",
+        "k_eff",
+        "iw_nll",
+    ]:
         assert 0 <= summary["evaluation"][name] < np.inf, name
     assert summary["dataset"]["name"] == "digits"
     assert json.loads((out / "config.json").read_text())["c_regularizer"] == "both"
     assert "kl_c_logit_mog" in (out / "REPORT.md").read_text()
-    restored = eqx.tree_deserialise_leaves(out / "checkpoint.eqx", train.build_model(
-        train.parse_config(["--hidden-dim", "16", "--latent-dim", "2", "--num-components", "4"]), 64,
-        jax.random.key(1)))
+    restored = eqx.tree_deserialise_leaves(
+        out / "checkpoint.eqx",
+        train.build_model(
+            train.parse_config(
+                ["--hidden-dim", "16", "--latent-dim", "2", "--num-components", "4"]
+            ),
+            64,
+            jax.random.key(1),
+        ),
+    )
     assert restored.decoders.network.layers[0].weight.shape[0] == 4
 
 
@@ -513,9 +677,14 @@ def test_clustering_scores_against_hand_computed_values():
 
 
 def scripted(losses, **kwargs):
-    """Feed a fake validation-loss sequence; return (unlock epochs, kick flags per epoch, k_active per epoch)."""
-    curriculum = train.Curriculum(**({"num_components": 4, "k_active": 1, "patience": 2, "min_delta": 0.0,
-                                      "kick_epochs": 2} | kwargs))
+    """Feed a fake validation-loss sequence; return (unlock epochs, kick flags per epoch, "
+    "k_active per epoch)."""
+    curriculum = train.Curriculum(
+        **(
+            {"num_components": 4, "k_active": 1, "patience": 2, "min_delta": 0.0, "kick_epochs": 2}
+            | kwargs
+        )
+    )
     kicks, k_active = [], []
     for epoch, loss in enumerate(losses, start=1):
         kicks.append(curriculum.kick_left > 0)
@@ -528,7 +697,11 @@ def test_curriculum_unlocks_on_each_plateau_and_kicks_for_exactly_kick_epochs():
     #         1   2   3  | 4   5   6  | 7   8   9   10 | 11  12
     losses = [10, 9, 9, 9, 8, 7, 7, 7, 6, 6, 6, 6]
     unlocks, kicks, k_active = scripted(losses)
-    assert unlocks == [4, 8, 11]  # two epochs without improvement after the bests at epochs 2, 6 and 9
+    assert unlocks == [
+        4,
+        8,
+        11,
+    ]  # two epochs without improvement after the bests at epochs 2, 6 and 9
     assert k_active == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4]
     assert kicks == [False] * 4 + [True, True] + [False] * 2 + [True, True] + [False, True]
 
@@ -536,7 +709,9 @@ def test_curriculum_unlocks_on_each_plateau_and_kicks_for_exactly_kick_epochs():
 def test_curriculum_stops_when_an_unlock_did_not_help_and_at_k():
     unlocks, _, k_active = scripted([10, 9, 9, 9, 9.5, 9.2, 9.1, 9.3, 9.0, 9.0, 9.0])
     assert unlocks == [4] and k_active[-1] == 2  # the plateau after the unlock is no better than 9
-    unlocks, _, k_active = scripted(list(range(20, 0, -2)) + [1] * 12, num_components=2, kick_epochs=0)
+    unlocks, _, k_active = scripted(
+        list(range(20, 0, -2)) + [1] * 12, num_components=2, kick_epochs=0
+    )
     assert len(unlocks) == 1 and k_active[-1] == 2  # never beyond K
     unlocks, _, _ = scripted([10, 9.99, 9.98, 9.97, 9.96], min_delta=0.01)
     assert unlocks == [3]  # relative improvements below min_delta do not count
@@ -547,31 +722,73 @@ def test_curriculum_run_opens_channels_with_kicks_in_the_compiled_step(tmp_path)
     before = eqx.debug.get_num_traces(mixvae.train_epoch)
     # min-delta 100: nothing after epoch 1 counts as an improvement, so the plateau rule unlocks
     # at the end of epoch 1 + unlock-patience, and then stops (the unlock did not help).
-    assert train.main(["--out-dir", str(out), "--curriculum", "--unlock-patience", "2", "--unlock-min-delta",
-                       "100", "--kick-epochs", "2", "--epochs", "7", "--patience", "0", "--hidden-dim", "16",
-                       "--num-components", "3", "--kl-c-anneal-epochs", "0"]) == 0
-    assert eqx.debug.get_num_traces(mixvae.train_epoch) - before == 1  # unlocks and kicks never recompile
+    assert (
+        train.main(
+            [
+                "--out-dir",
+                str(out),
+                "--curriculum",
+                "--unlock-patience",
+                "2",
+                "--unlock-min-delta",
+                "100",
+                "--kick-epochs",
+                "2",
+                "--epochs",
+                "7",
+                "--patience",
+                "0",
+                "--hidden-dim",
+                "16",
+                "--num-components",
+                "3",
+                "--kl-c-anneal-epochs",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        eqx.debug.get_num_traces(mixvae.train_epoch) - before == 1
+    )  # unlocks and kicks never recompile
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    column = lambda name: [float(row[name]) for row in rows]
+
+    def column(name):
+        return [float(row[name]) for row in rows]
+
     assert column("unlocked") == [0, 0, 1, 0, 0, 0, 0]
     assert column("kick_active") == [0, 0, 0, 1, 1, 0, 0]
     assert column("k_active") == [1, 1, 1, 2, 2, 2, 2]
     assert column("kl_c_logit_mog")[:3] == [0.0, 0.0, 0.0] and column("kl_c_logit_mog")[5] > 0
     assert all(u == 0.0 for u in column("usage_1")[:3] + column("usage_2"))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["curriculum"]["unlock_count"] == 1 and summary["curriculum"]["unlock_epochs"] == [3]
-    assert (out / "figures" / "curriculum.png").is_file() and "## Curriculum" in (out / "REPORT.md").read_text()
+    assert summary["curriculum"]["unlock_count"] == 1 and summary["curriculum"][
+        "unlock_epochs"
+    ] == [3]
+    assert (out / "figures" / "curriculum.png").is_file() and "## Curriculum" in (
+        out / "REPORT.md"
+    ).read_text()
 
 
 def test_kick_schedule_softens_routing_and_biases_the_new_channel():
-    config = configs.Config(num_components=4, kick_temperature=3.0, kick_logit_bias=2.5, kick_prior_scale=0.25)
+    config = configs.Config(
+        num_components=4, kick_temperature=3.0, kick_logit_bias=2.5, kick_prior_scale=0.25
+    )
     kick = train.schedule(config, 0, k_active=2, kick=True)
     np.testing.assert_array_equal(kick.active_mask, [True, True, False, False])
     np.testing.assert_array_equal(kick.logit_bias, [0.0, 2.5, 0.0, 0.0])
-    assert float(kick.temperature) == 3.0 and float(kick.prior_scale) == 0.25 and not bool(kick.straight_through)
+    assert (
+        float(kick.temperature) == 3.0
+        and float(kick.prior_scale) == 0.25
+        and not bool(kick.straight_through)
+    )
     calm = train.schedule(config, 0, k_active=2)
-    assert float(calm.prior_scale) == 1.0 and bool(calm.straight_through) and not np.any(calm.logit_bias)
+    assert (
+        float(calm.prior_scale) == 1.0
+        and bool(calm.straight_through)
+        and not np.any(calm.logit_bias)
+    )
 
 
 def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
@@ -583,10 +800,14 @@ def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
     assert bench._count_macs(jaxpr.jaxpr) == 5 * 64 * 32
     jaxpr = jax.make_jaxpr(conv)(jnp.zeros((1, 28, 28)))
     assert bench._count_macs(jaxpr.jaxpr) == (8 * 14 * 14) * (1 * 4 * 4)
-    jaxpr = jax.make_jaxpr(lambda x: jax.lax.map(linear, x))(jnp.zeros((7, 64)))  # a scan body, 7 times
+    jaxpr = jax.make_jaxpr(lambda x: jax.lax.map(linear, x))(
+        jnp.zeros((7, 64))
+    )  # a scan body, 7 times
     assert bench._count_macs(jaxpr.jaxpr) == 7 * 64 * 32
     model = tiny_model(conditioning="separate")  # 3 stacked decoders of 2 -> 32 -> 32 -> 64
-    flops = bench.train_step_flops(model, all_active(), mixvae.Objective(), batch_size=4, input_dim=64)
+    flops = bench.train_step_flops(
+        model, all_active(), mixvae.Objective(), batch_size=4, input_dim=64
+    )
     encoder = 64 * 32 + 32 * 32 + 32 * 3 + 32 * 2 * 3 * 2
     decoders = 3 * (2 * 32 + 32 * 32 + 32 * 64)
     assert flops == 3 * 2 * 4 * (encoder + decoders)
@@ -616,10 +837,18 @@ def fake_mnist(tmp_path, monkeypatch):
     files = {}
     for split, n in (("train", 200), ("t10k", 50)):
         labels = np.arange(n) % 10
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 8, 8)), train.IDX_IMAGES)
+        write_idx(
+            tmp_path / f"{split}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 8, 8)),
+            train.IDX_IMAGES,
+        )
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels, train.IDX_LABELS)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         files[name] = hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
     monkeypatch.setitem(train.IDX_DATASETS, "mnist", (("http://127.0.0.1:9/",), files))
     return tmp_path
@@ -631,7 +860,11 @@ def mnist_config(data_dir, **kwargs):
 
 def test_idx_dataset_loads_with_official_test_split_and_stratified_subset(fake_mnist):
     data = train.load_dataset(mnist_config(fake_mnist))
-    assert data.train.images.dtype == np.uint8 and data.train.images.shape[1] == 64 and data.image_side == 8
+    assert (
+        data.train.images.dtype == np.uint8
+        and data.train.images.shape[1] == 64
+        and data.image_side == 8
+    )
     assert len(data.test.images) == 50 and len(data.train.images) + len(data.val.images) == 200
     subset = train.load_dataset(mnist_config(fake_mnist, num_samples=100))
     assert len(subset.train.images) + len(subset.val.images) == 100
@@ -640,14 +873,19 @@ def test_idx_dataset_loads_with_official_test_split_and_stratified_subset(fake_m
     np.testing.assert_array_equal(subset.test.labels, data.test.labels)
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("missing", "could not be downloaded"),
-    ("truncated-gzip", "not a readable gzip file"),
-    ("checksum", "is not the official"),
-    ("magic", "IDX magic number"),
-    ("shape", "the header promises shape"),
-])
-def test_broken_idx_files_give_one_line_errors_naming_the_file(fake_mnist, monkeypatch, damage, message):
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("missing", "could not be downloaded"),
+        ("truncated-gzip", "not a readable gzip file"),
+        ("checksum", "is not the official"),
+        ("magic", "IDX magic number"),
+        ("shape", "the header promises shape"),
+    ],
+)
+def test_broken_idx_files_give_one_line_errors_naming_the_file(
+    fake_mnist, monkeypatch, damage, message
+):
     import hashlib
 
     images = fake_mnist / "train-images-idx3-ubyte.gz"
@@ -659,10 +897,24 @@ def test_broken_idx_files_give_one_line_errors_naming_the_file(fake_mnist, monke
         images.write_bytes(images.read_bytes() + b"\0")
     else:
         array = np.zeros((200, 8, 8))
-        write_idx(images, array, 2049 if damage == "magic" else train.IDX_IMAGES, truncate=64 if damage == "shape" else 0)
-    if damage != "checksum":  # the other damages must be caught by the reader, past a matching checksum
+        write_idx(
+            images,
+            array,
+            2049 if damage == "magic" else train.IDX_IMAGES,
+            truncate=64 if damage == "shape" else 0,
+        )
+    if (
+        damage != "checksum"
+    ):  # the other damages must be caught by the reader, past a matching checksum
         mirrors, files = train.IDX_DATASETS["mnist"]
-        files = dict(files, **({} if damage == "missing" else {images.name: hashlib.md5(images.read_bytes()).hexdigest()}))
+        files = dict(
+            files,
+            **(
+                {}
+                if damage == "missing"
+                else {images.name: hashlib.md5(images.read_bytes()).hexdigest()}
+            ),
+        )
         monkeypatch.setitem(train.IDX_DATASETS, "mnist", (mirrors, files))
     with pytest.raises(train.DataError, match=message) as error:
         train.load_dataset(mnist_config(fake_mnist))
@@ -670,19 +922,28 @@ def test_broken_idx_files_give_one_line_errors_naming_the_file(fake_mnist, monke
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path):
-    result = run_cli("--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--validate-only")
+    result = run_cli(
+        "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--validate-only"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "t10k-images-idx3-ubyte.gz" in result.stderr and str(tmp_path / "none") in result.stderr
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the official MNIST files are not beside the checkout")
+@pytest.mark.skipif(
+    not SHARED_MNIST.is_dir(), reason="the official MNIST files are not beside the checkout"
+)
 def test_official_mnist_files_load_and_verify():
-    data = train.load_dataset(configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), num_samples=3000))
+    data = train.load_dataset(
+        configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), num_samples=3000)
+    )
     assert data.image_side == 28 and data.test.images.shape == (10000, 784)
     assert len(data.train.images) + len(data.val.images) == 3000
-    np.testing.assert_array_equal(np.bincount(data.test.labels),
-                                  [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
-    full = train.load_dataset(configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), val_split=0.5))
+    np.testing.assert_array_equal(
+        np.bincount(data.test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
+    full = train.load_dataset(
+        configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), val_split=0.5)
+    )
     pixels = np.concatenate([full.train.images, full.val.images])
     assert pixels.shape == (60000, 784) and abs(pixels.mean() - 33.3184) < 1e-3
 
@@ -691,12 +952,18 @@ def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders
     model = tiny_model(conditioning="separate", learnable_pi=True)
     model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
     head = model.encoder.posterior_head
-    model = eqx.tree_at(lambda m: (m.encoder.posterior_head.weight, m.encoder.posterior_head.bias), model,
-                        (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)))  # q(z|x) = N(0, I)
+    model = eqx.tree_at(
+        lambda m: (m.encoder.posterior_head.weight, m.encoder.posterior_head.bias),
+        model,
+        (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)),
+    )  # q(z|x) = N(0, I)
     first = model.decoders.network.layers[0].weight
     model = eqx.tree_at(lambda m: m.decoders.network.layers[0].weight, model, jnp.zeros_like(first))
     sched = all_active()
-    nll = np.asarray(mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="softmax")).nll, float)
+    nll = np.asarray(
+        mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="softmax")).nll,
+        float,
+    )
     log_pi = np.log(np.asarray(mixvae.mixture_weights(model), float))
     expected = np_logsumexp(log_pi - nll, axis=-1)  # log sum_k pi_k p(x | k), exactly
     got = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=7)
@@ -714,8 +981,23 @@ def test_iw_bound_is_tighter_than_the_elbo(layout):
 
 def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
     out = tmp_path / "run"
-    assert train.main(["--out-dir", str(out), "--epochs", "2", "--hidden-dim", "16", "--num-components", "4",
-                       "--eval-iw-samples", "2"]) == 0
+    assert (
+        train.main(
+            [
+                "--out-dir",
+                str(out),
+                "--epochs",
+                "2",
+                "--hidden-dim",
+                "16",
+                "--num-components",
+                "4",
+                "--eval-iw-samples",
+                "2",
+            ]
+        )
+        == 0
+    )
     before = json.loads((out / "summary.json").read_text())
     history = (out / "history.csv").read_text()
     (out / "REPORT.md").unlink()
@@ -724,7 +1006,9 @@ def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
     assert (out / "history.csv").read_text() == history and (out / "REPORT.md").is_file()
     assert after["training"] == before["training"] and after["evaluation"]["iw_samples"] == 8
     for name in ["cluster_accuracy", "nmi", "ari", "neg_elbo", "responsibility_confidence"]:
-        assert after["evaluation"][name] == pytest.approx(before["evaluation"][name], rel=1e-6), name
+        assert after["evaluation"][name] == pytest.approx(before["evaluation"][name], rel=1e-6), (
+            name
+        )
     (out / "checkpoint.eqx").write_bytes((out / "checkpoint.eqx").read_bytes()[:100])  # truncated
     with pytest.raises(configs.ConfigError, match="does not match"):
         train.run(configs.Config(eval_only=True, checkpoint=str(out)))
@@ -737,13 +1021,32 @@ def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
 
 
 def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
-    common = ["--epochs", "2", "--hidden-dim", "16", "--num-components", "4", "--eval-iw-samples", "0"]
+    common = [
+        "--epochs",
+        "2",
+        "--hidden-dim",
+        "16",
+        "--num-components",
+        "4",
+        "--eval-iw-samples",
+        "0",
+    ]
     before = eqx.debug.get_num_traces(mixvae.train_replicas)
     assert train.main(["--out-dir", str(tmp_path / "seeds"), "--seeds", "0", "3", *common]) == 0
-    assert eqx.debug.get_num_traces(mixvae.train_replicas) - before == 1  # one compiled step for all seeds
-    assert train.main(["--out-dir", str(tmp_path / "one"), "--seed", "3", "--split-seed", "0", *common]) == 0
+    assert (
+        eqx.debug.get_num_traces(mixvae.train_replicas) - before == 1
+    )  # one compiled step for all seeds
+    assert (
+        train.main(
+            ["--out-dir", str(tmp_path / "one"), "--seed", "3", "--split-seed", "0", *common]
+        )
+        == 0
+    )
     seeds_dir = tmp_path / "seeds"
-    per_seed = {seed: json.loads((seeds_dir / f"seed_{seed}" / "summary.json").read_text()) for seed in (0, 3)}
+    per_seed = {
+        seed: json.loads((seeds_dir / f"seed_{seed}" / "summary.json").read_text())
+        for seed in (0, 3)
+    }
     for seed in (0, 3):
         with open(seeds_dir / f"seed_{seed}" / "history.csv") as f:
             rows = list(csv.DictReader(f))
@@ -762,11 +1065,20 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
     assert "mean ± std" in report and "seed_3/REPORT.md" in report
     (seeds_dir / "summary.json").unlink()
     assert train.main(["--eval-only", "--checkpoint", str(seeds_dir)]) == 0
-    assert json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"] == summary["evaluation"]["nmi"]
+    assert (
+        json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"]
+        == summary["evaluation"]["nmi"]
+    )
 
 
-@pytest.mark.parametrize("changes,flag", [(dict(top_m=0), "--top-m=0"), (dict(top_m=11), r"--top-m=11 .* \[1, --num-components=10\]"),
-                                          (dict(top_m=2, top_m_capacity=0.5), "--top-m-capacity")])
+@pytest.mark.parametrize(
+    "changes,flag",
+    [
+        (dict(top_m=0), "--top-m=0"),
+        (dict(top_m=11), r"--top-m=11 .* \[1, --num-components=10\]"),
+        (dict(top_m=2, top_m_capacity=0.5), "--top-m-capacity"),
+    ],
+)
 def test_top_m_outside_its_range_is_refused(changes, flag):
     with pytest.raises(configs.ConfigError, match=flag):
         configs.validate(configs.Config(**changes))
@@ -789,13 +1101,15 @@ import jax, numpy as np
 import mixvae, train
 from configs import Config
 assert len(jax.devices()) == 4, jax.devices()
-config = Config(epochs=2, eval_iw_samples=0, batch_size=64, num_samples=400, hidden_dim=32, seeds=(0, 1))
+config = Config(epochs=2, eval_iw_samples=0, batch_size=64, num_samples=400, hidden_dim=32,
+                seeds=(0, 1))
 data = train.load_dataset(config)
 losses = {}
 for devices in (1, 4):
     c = dataclasses.replace(config, devices=devices)
     results, _ = train.train(c, data, train.initial_state(c, 64), Path(tempfile.mkdtemp()))
-    losses[devices] = [[row[name] for name in ("loss", "val_loss", "val_neg_elbo")] for r in results for row in r.history]
+    names = ("loss", "val_loss", "val_neg_elbo")
+    losses[devices] = [[row[n] for n in names] for r in results for row in r.history]
 print(json.dumps(losses))
 """
 
@@ -803,8 +1117,14 @@ print(json.dumps(losses))
 def test_four_devices_give_the_losses_of_one_device():
     """Data-parallel SPMD over 4 forced host devices = the same training on 1 device."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     losses = json.loads(result.stdout.strip().splitlines()[-1])
     one, four = np.array(losses["1"]), np.array(losses["4"])
@@ -821,7 +1141,12 @@ SMALL_RUN = ["--hidden-dim", "16", "--num-components", "4", "--eval-iw-samples",
 def test_resume_continues_bit_for_bit(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(["--out-dir", str(straight), "--epochs", "6", *SMALL_RUN]) == 0
-    assert train.main(["--out-dir", str(resumed), "--epochs", "3", "--checkpoint-every", "1", *SMALL_RUN]) == 0
+    assert (
+        train.main(
+            ["--out-dir", str(resumed), "--epochs", "3", "--checkpoint-every", "1", *SMALL_RUN]
+        )
+        == 0
+    )
     assert len((resumed / "history.csv").read_text().splitlines()) == 1 + 3
     assert train.main(["--resume", str(resumed), "--epochs", "6"]) == 0
     assert (resumed / "history.csv").read_bytes() == (straight / "history.csv").read_bytes()
@@ -834,12 +1159,23 @@ def test_resume_continues_bit_for_bit(tmp_path):
 def test_checkpoint_is_written_atomically_and_every_n_epochs(tmp_path, monkeypatch):
     saved_after = []
     real_save = train.save_state
-    monkeypatch.setattr(train, "save_state", lambda run_dir, config, state: (
-        saved_after.append(state.epoch), real_save(run_dir, config, state)))
+    monkeypatch.setattr(
+        train,
+        "save_state",
+        lambda run_dir, config, state: (
+            saved_after.append(state.epoch),
+            real_save(run_dir, config, state),
+        ),
+    )
     out = tmp_path / "run"
-    assert train.main(["--out-dir", str(out), "--epochs", "5", "--checkpoint-every", "2", *SMALL_RUN]) == 0
+    assert (
+        train.main(["--out-dir", str(out), "--epochs", "5", "--checkpoint-every", "2", *SMALL_RUN])
+        == 0
+    )
     assert saved_after == [2, 4, 5]  # every 2 epochs, then at the end
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert not [
+        p.name for p in out.iterdir() if p.name.startswith(".")
+    ]  # no temporary file left behind
     before = (out / "train_state.ckpt").read_bytes()
 
     def crash(f):
@@ -855,9 +1191,24 @@ def test_checkpoint_is_written_atomically_and_every_n_epochs(tmp_path, monkeypat
 @pytest.mark.parametrize("signum", [2, 15])  # SIGINT, SIGTERM
 def test_a_signal_after_the_first_epoch_checkpoints_reports_and_exits_nonzero(tmp_path, signum):
     out = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--out-dir", str(out), "--epochs", "500",
-                              "--patience", "0", *SMALL_RUN], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--out-dir",
+            str(out),
+            "--epochs",
+            "500",
+            "--patience",
+            "0",
+            *SMALL_RUN,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in child.stdout:
         if line.startswith("epoch   1/"):
             child.send_signal(signum)
@@ -871,10 +1222,14 @@ def test_a_signal_after_the_first_epoch_checkpoints_reports_and_exits_nonzero(tm
     completed = summary["training"]["epochs_completed"]
     assert train.main(["--resume", str(out), "--epochs", str(completed + 1)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["training"]["epochs_completed"] == completed + 1
+    assert (
+        summary["status"] == "finished" and summary["training"]["epochs_completed"] == completed + 1
+    )
 
 
-def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_the_last_good_state(tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_the_last_good_state(
+    tmp_path, monkeypatch
+):
     real_step, calls = mixvae.train_replicas, []
 
     def poisoned(*args):
@@ -886,16 +1241,24 @@ def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_the_last_good_state
 
     monkeypatch.setattr(mixvae, "train_replicas", poisoned)
     out = tmp_path / "run"
-    assert train.main(["--out-dir", str(out), "--epochs", "6", "--checkpoint-every", "1", *SMALL_RUN]) == 3
+    assert (
+        train.main(["--out-dir", str(out), "--epochs", "6", "--checkpoint-every", "1", *SMALL_RUN])
+        == 3
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "diverged" and "loss became non-finite in epoch 3" in summary["status_detail"]
+    assert (
+        summary["status"] == "diverged"
+        and "loss became non-finite in epoch 3" in summary["status_detail"]
+    )
     assert summary["training"]["epochs_completed"] == 2
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(v)) for row in rows for v in row.values())
     assert all(np.isfinite(v) for v in summary["evaluation"].values() if isinstance(v, float))
     with open(out / "train_state.ckpt", "rb") as f:
-        assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["epoch"] == 2  # the last good epoch
+        assert (
+            json.loads(f.read(int.from_bytes(f.read(8), "little")))["epoch"] == 2
+        )  # the last good epoch
 
 
 def test_hostile_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):
@@ -912,10 +1275,26 @@ def test_hostile_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, caps
 
     assert "not a run directory" in error_of("--resume", str(tmp_path / "nothing"))
     other = tmp_path / "other"
-    assert train.main(["--out-dir", str(other), "--epochs", "1", *SMALL_RUN[:2], "--num-components", "5",
-                       "--eval-iw-samples", "0"]) == 0
+    assert (
+        train.main(
+            [
+                "--out-dir",
+                str(other),
+                "--epochs",
+                "1",
+                *SMALL_RUN[:2],
+                "--num-components",
+                "5",
+                "--eval-iw-samples",
+                "0",
+            ]
+        )
+        == 0
+    )
     (run / "train_state.ckpt").write_bytes((other / "train_state.ckpt").read_bytes())
-    assert "another configuration (--num-components differ)" in error_of("--resume", str(run), "--epochs", "2")
+    assert "another configuration (--num-components differ)" in error_of(
+        "--resume", str(run), "--epochs", "2"
+    )
     (run / "train_state.ckpt").write_bytes(state[: len(state) // 2])
     assert "truncated" in error_of("--resume", str(run), "--epochs", "2")
     (tmp_path / "bad").mkdir()
@@ -929,7 +1308,9 @@ def test_hostile_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, caps
     assert (other / "history.csv").read_text() == history
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("precious")
-    assert "--overwrite" in error_of("--out-dir", str(tmp_path / "keep"), "--overwrite", "--epochs", "1")
+    assert "--overwrite" in error_of(
+        "--out-dir", str(tmp_path / "keep"), "--overwrite", "--epochs", "1"
+    )
     assert (tmp_path / "keep" / "notes.txt").read_text() == "precious"
     assert train.main(["--out-dir", str(other), "--overwrite", "--epochs", "2", *SMALL_RUN]) == 0
     assert len((other / "history.csv").read_text().splitlines()) == 1 + 2
@@ -947,18 +1328,28 @@ def valid_flags(draw):
     k = draw(st.integers(1, 12))
     tau = draw(st.floats(0.05, 5.0))
     flags = {
-        "--num-components": k, "--latent-dim": draw(st.integers(1, 6)), "--hidden-dim": draw(st.integers(1, 48)),
+        "--num-components": k,
+        "--latent-dim": draw(st.integers(1, 6)),
+        "--hidden-dim": draw(st.integers(1, 48)),
         "--latent-layout": draw(st.sampled_from(mixvae.LATENT_LAYOUTS)),
-        "--encoder": draw(st.sampled_from(mixvae.ENCODERS)), "--decoder": draw(st.sampled_from(mixvae.DECODERS)),
+        "--encoder": draw(st.sampled_from(mixvae.ENCODERS)),
+        "--decoder": draw(st.sampled_from(mixvae.DECODERS)),
         "--decoder-conditioning": draw(st.sampled_from(mixvae.CONDITIONINGS)),
-        "--likelihood": draw(st.sampled_from(mixvae.LIKELIHOODS)), "--router": draw(st.sampled_from(mixvae.ROUTERS)),
+        "--likelihood": draw(st.sampled_from(mixvae.LIKELIHOODS)),
+        "--router": draw(st.sampled_from(mixvae.ROUTERS)),
         "--c-regularizer": draw(st.sampled_from(mixvae.C_REGULARIZERS)),
-        "--prior-mean": draw(st.floats(-20, 20)), "--prior-sigma": draw(positive),
-        "--prior-weight": draw(st.floats(0, 10)), "--kl-c-weight": draw(st.floats(0, 10)),
-        "--beta-z": draw(st.floats(0, 10)), "--diversity-weight": draw(st.floats(-100, 100)),
-        "--logit-init-scale": draw(positive), "--gumbel-temperature": tau,
-        "--gumbel-temperature-min": draw(st.floats(0.01, 1.0)) * tau, "--batch-size": draw(st.integers(1, 256)),
-        "--learning-rate": draw(st.floats(1e-6, 1.0)), "--val-split": draw(st.floats(0.05, 0.5)),
+        "--prior-mean": draw(st.floats(-20, 20)),
+        "--prior-sigma": draw(positive),
+        "--prior-weight": draw(st.floats(0, 10)),
+        "--kl-c-weight": draw(st.floats(0, 10)),
+        "--beta-z": draw(st.floats(0, 10)),
+        "--diversity-weight": draw(st.floats(-100, 100)),
+        "--logit-init-scale": draw(positive),
+        "--gumbel-temperature": tau,
+        "--gumbel-temperature-min": draw(st.floats(0.01, 1.0)) * tau,
+        "--batch-size": draw(st.integers(1, 256)),
+        "--learning-rate": draw(st.floats(1e-6, 1.0)),
+        "--val-split": draw(st.floats(0.05, 0.5)),
     }
     args = [str(item) for pair in flags.items() for item in pair]
     if draw(st.booleans()):
@@ -966,7 +1357,10 @@ def valid_flags(draw):
     if draw(st.booleans()):
         args += ["--curriculum", "--curriculum-start", str(draw(st.integers(1, k)))]
     else:
-        args += ["--seeds", *map(str, draw(st.lists(st.integers(0, 99), min_size=1, max_size=4, unique=True)))]
+        args += [
+            "--seeds",
+            *map(str, draw(st.lists(st.integers(0, 99), min_size=1, max_size=4, unique=True))),
+        ]
     return args
 
 
@@ -987,13 +1381,25 @@ def test_loss_terms_are_finite_for_random_logits_masks_and_sigmas(k, data):
     temperature = data.draw(st.floats(0.05, 10.0))
 
     def terms(y):
-        routing = mixvae.route(y, jax.random.key(0), temperature=temperature, mode="gumbel", active_mask=mask)
+        routing = mixvae.route(
+            y, jax.random.key(0), temperature=temperature, mode="gumbel", active_mask=mask
+        )
         log_prior = mixvae.logit_mog_log_prior(y, mean=mean, sigma=sigma, active_mask=mask)
         kl = mixvae.categorical_kl(routing.responsibilities, jnp.full(k, 1.0 / k), mask)
-        return jnp.sum(log_prior) + jnp.sum(kl) + jnp.sum(routing.weights * y), (routing, log_prior, kl)
+        return jnp.sum(log_prior) + jnp.sum(kl) + jnp.sum(routing.weights * y), (
+            routing,
+            log_prior,
+            kl,
+        )
 
-    (_, (routing, log_prior, kl)), grad = jax.value_and_grad(terms, has_aux=True)(jnp.asarray(logits))
-    assert np.all(np.isfinite(log_prior)) and np.all(np.isfinite(kl)) and np.all(np.asarray(kl) > -1e-5)
+    (_, (routing, log_prior, kl)), grad = jax.value_and_grad(terms, has_aux=True)(
+        jnp.asarray(logits)
+    )
+    assert (
+        np.all(np.isfinite(log_prior))
+        and np.all(np.isfinite(kl))
+        and np.all(np.asarray(kl) > -1e-5)
+    )
     assert np.all(np.isfinite(grad))
     weights = np.asarray(routing.weights)
     assert np.all(np.isfinite(weights)) and np.all(weights[:, ~mask] == 0)
@@ -1009,13 +1415,23 @@ def test_symmetric_kl_matches_numpy_and_is_zero_for_equal_routings(masked):
     rng = np.random.default_rng(3)
     p_logits, q_logits = rng.normal(size=(2, 6, 5)) * 3
     mask = np.array([1, 1, 0, 1, 0], bool) if masked else np.ones(5, bool)
-    value = np.asarray(mixvae.symmetric_kl(jnp.asarray(p_logits, jnp.float32), jnp.asarray(q_logits, jnp.float32),
-                                           jnp.asarray(mask)))
+    value = np.asarray(
+        mixvae.symmetric_kl(
+            jnp.asarray(p_logits, jnp.float32),
+            jnp.asarray(q_logits, jnp.float32),
+            jnp.asarray(mask),
+        )
+    )
     p = np.exp(p_logits[:, mask] - np_logsumexp(p_logits[:, mask], axis=-1, keepdims=True))
     q = np.exp(q_logits[:, mask] - np_logsumexp(q_logits[:, mask], axis=-1, keepdims=True))
     reference = 0.5 * (np.sum(p * np.log(p / q), -1) + np.sum(q * np.log(q / p), -1))
     np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
-    assert np.all(np.asarray(mixvae.symmetric_kl(jnp.asarray(p_logits), jnp.asarray(p_logits), jnp.asarray(mask))) == 0)
+    assert np.all(
+        np.asarray(
+            mixvae.symmetric_kl(jnp.asarray(p_logits), jnp.asarray(p_logits), jnp.asarray(mask))
+        )
+        == 0
+    )
 
 
 def test_augment_is_identity_at_strength_zero_and_a_bounded_warp_otherwise():
@@ -1026,7 +1442,9 @@ def test_augment_is_identity_at_strength_zero_and_a_bounded_warp_otherwise():
     assert not np.allclose(warped, images)
     square = np.zeros((28, 28), np.float32)
     square[10:18, 10:18] = 1  # a centred square keeps most of its mass under a mild warp
-    mass = np.asarray(mixvae.augment(jnp.asarray(square.reshape(1, -1)), jax.random.key(2), 1.0)).sum()
+    mass = np.asarray(
+        mixvae.augment(jnp.asarray(square.reshape(1, -1)), jax.random.key(2), 1.0)
+    ).sum()
     assert 0.7 * 64 < mass < 1.3 * 64
 
 
@@ -1038,7 +1456,8 @@ def test_consistency_term_enters_the_loss_only_when_weighted_and_in_training():
     loss_plain, m_plain = mixvae.loss_fn(model, x, jax.random.key(0), sched, plain)
     loss_weighted, m_weighted = mixvae.loss_fn(model, x, jax.random.key(0), sched, weighted)
     assert float(m_plain["consistency"]) == 0 and float(m_weighted["consistency"]) > 0
-    np.testing.assert_allclose(float(loss_weighted), float(loss_plain) + 2.0 * float(m_weighted["consistency"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(loss_weighted), float(loss_plain) + 2.0 * float(m_weighted["consistency"]), rtol=1e-5
+    )
     _, m_eval = mixvae.loss_fn(model, x, None, sched, weighted)  # evaluation draws no warp
     assert float(m_eval["consistency"]) == 0

@@ -36,12 +36,12 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import tyro
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_digits
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 from sklearn.model_selection import train_test_split
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import configs
@@ -84,21 +84,25 @@ class Dataset(NamedTuple):
 
 DIGITS_TEST_FRACTION = 0.2
 
-# The four standard IDX files of each MNIST-style dataset: mirrors, and the official MD5 of each .gz.
+# The four standard IDX files of each MNIST-style dataset: mirrors, and each .gz's official MD5.
 IDX_DATASETS = {
     "mnist": (
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-         "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-         "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-         "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
     ),
     "fashion-mnist": (
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
     ),
 }
 IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 and 1 dimensions
@@ -122,10 +126,12 @@ def download(url: str, path: Path) -> None:
     with urllib.request.urlopen(url, timeout=30) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, leave=False) as bar:
+
             def copy(f):
                 while chunk := response.read(1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
+
             atomic_write(path, copy)
 
 
@@ -146,14 +152,18 @@ def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
                             raise
         except OSError as error:
             raise DataError(
-                f"{dataset}: {', '.join(missing)} not found in {data_dir} and could not be downloaded "
+                f"{dataset}: {', '.join(missing)} not found in {data_dir} and could not be "
+                "downloaded "
                 f"({error}); download them from {mirrors[0]} into that directory by hand, or pass "
-                "--data-dir DIR holding them") from None
+                "--data-dir DIR holding them"
+            ) from None
     for name, expected in checksums.items():
         digest = hashlib.md5((data_dir / name).read_bytes()).hexdigest()
         if digest != expected:
-            raise DataError(f"{data_dir / name}: MD5 {digest} is not the official {expected} (a corrupt or "
-                            "truncated file: delete it to download it again)")
+            raise DataError(
+                f"{data_dir / name}: MD5 {digest} is not the official {expected} (a corrupt or "
+                "truncated file: delete it to download it again)"
+            )
     return {name: data_dir / name for name in checksums}
 
 
@@ -167,19 +177,27 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
         raise DataError(f"{path}: IDX magic number {found} is not {magic}")
     ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     values = np.frombuffer(raw, np.uint8, offset=min(len(raw), 4 + 4 * ndim))
     if values.size != int(np.prod(shape)):
-        raise DataError(f"{path}: the header promises shape {shape} ({int(np.prod(shape))} values) but the "
-                        f"file holds {values.size}")
+        raise DataError(
+            f"{path}: the header promises shape {shape} ({int(np.prod(shape))} values) but the "
+            f"file holds {values.size}"
+        )
     return values.reshape(shape)
 
 
 def read_idx_split(images_path: Path, labels_path: Path) -> Split:
     images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
-    if images.shape[1] != images.shape[2] or len(images) != len(labels) or labels.max(initial=0) > 9:
-        raise DataError(f"{images_path}: images {images.shape} and labels {labels.shape} (max "
-                        f"{labels.max(initial=0)}) are not N square images with N labels in 0..9")
+    if (
+        images.shape[1] != images.shape[2]
+        or len(images) != len(labels)
+        or labels.max(initial=0) > 9
+    ):
+        raise DataError(
+            f"{images_path}: images {images.shape} and labels {labels.shape} (max "
+            f"{labels.max(initial=0)}) are not N square images with N labels in 0..9"
+        )
     return Split(images.reshape(len(images), -1), labels.astype(np.int64))
 
 
@@ -191,29 +209,51 @@ def load_dataset(config: Config) -> Dataset:
     """digits: sklearn's 8x8 digits scaled to [0, 1], split train/val/test (stratified, by the
     split seed).
     mnist, fashion-mnist: the official IDX files as uint8; the official test split; --num-samples
-    takes a stratified subset of the training split; validation is held out of the training split."""
+    takes a stratified subset of the training split; validation is held out of the training
+    split."""
     if config.dataset == "digits":
         digits = load_digits()
         images = (digits.data / 16.0).astype(np.float32)
         labels = digits.target.astype(np.int64)
         rest_x, test_x, rest_y, test_y = train_test_split(
-            images, labels, test_size=DIGITS_TEST_FRACTION, random_state=split_seed(config), stratify=labels)
+            images,
+            labels,
+            test_size=DIGITS_TEST_FRACTION,
+            random_state=split_seed(config),
+            stratify=labels,
+        )
         rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), 8
     else:
         paths = fetch_idx_files(config.dataset, data_dir_of(config))
-        rest = read_idx_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
-        test = read_idx_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
+        rest = read_idx_split(
+            paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"]
+        )
+        test = read_idx_split(
+            paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"]
+        )
         side = mixvae.image_side(rest.images.shape[1])
     if config.num_samples is not None and config.num_samples < len(rest.images):
-        x, _, y, _ = train_test_split(rest.images, rest.labels, train_size=config.num_samples,
-                                      random_state=split_seed(config), stratify=rest.labels)
+        x, _, y, _ = train_test_split(
+            rest.images,
+            rest.labels,
+            train_size=config.num_samples,
+            random_state=split_seed(config),
+            stratify=rest.labels,
+        )
         rest = Split(x, y)
     train_x, val_x, train_y, val_y = train_test_split(
-        rest.images, rest.labels, test_size=config.val_split, random_state=split_seed(config), stratify=rest.labels)
+        rest.images,
+        rest.labels,
+        test_size=config.val_split,
+        random_state=split_seed(config),
+        stratify=rest.labels,
+    )
     data = Dataset(config.dataset, Split(train_x, train_y), Split(val_x, val_y), test, side)
     if config.batch_size > len(data.train.images):
-        raise ConfigError(f"--batch-size={config.batch_size} is not allowed: must be at most the "
-                          f"{len(data.train.images)} training images of {data.name}")
+        raise ConfigError(
+            f"--batch-size={config.batch_size} is not allowed: must be at most the "
+            f"{len(data.train.images)} training images of {data.name}"
+        )
     return data
 
 
@@ -236,15 +276,23 @@ def build_replicas(config: Config, input_dim: int, init_keys):
     """One model per key, stacked on a leading replica axis. Initialised by one XLA program
     compiled at the lowest optimisation level: it runs once, and optimising threefry's unrolled
     rounds for every initialiser took 4-6 s (eagerly, each op compiles a program of its own)."""
+
     def build(keys):
         return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
 
     def arrays(keys):
         return eqx.filter(build(keys), eqx.is_array)
 
-    program = jax.jit(arrays).lower(init_keys).compile(compiler_options={"xla_backend_optimization_level": 0})
-    static = eqx.filter(eqx.filter_eval_shape(build, init_keys), lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
-                        inverse=True)
+    program = (
+        jax.jit(arrays)
+        .lower(init_keys)
+        .compile(compiler_options={"xla_backend_optimization_level": 0})
+    )
+    static = eqx.filter(
+        eqx.filter_eval_shape(build, init_keys),
+        lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
+        inverse=True,
+    )
     return eqx.combine(program(init_keys), static)
 
 
@@ -257,8 +305,11 @@ def replica(stacked, r: int):
 def select_replicas(take, new, old):
     """Per replica r: new[r] where take[r], else old[r] (pytrees stacked on axis 0)."""
     arrays, static = eqx.partition(new, eqx.is_array)
-    chosen = jax.tree.map(lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                          arrays, eqx.filter(old, eqx.is_array))
+    chosen = jax.tree.map(
+        lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+        arrays,
+        eqx.filter(old, eqx.is_array),
+    )
     return eqx.combine(chosen, static)
 
 
@@ -267,10 +318,14 @@ def data_mesh(config: Config) -> Mesh:
     available = jax.devices()
     count = len(available) if config.devices is None else config.devices
     if count > len(available):
-        raise ConfigError(f"--devices={count} is not allowed: this process sees {len(available)} device(s)")
+        raise ConfigError(
+            f"--devices={count} is not allowed: this process sees {len(available)} device(s)"
+        )
     if config.batch_size % count:
-        raise ConfigError(f"--batch-size={config.batch_size} is not allowed: it must divide by the {count} "
-                          "devices (set --devices)")
+        raise ConfigError(
+            f"--batch-size={config.batch_size} is not allowed: it must divide by the {count} "
+            "devices (set --devices)"
+        )
     return Mesh(np.array(available[:count]), ("data",))
 
 
@@ -282,21 +337,37 @@ def put(tree, sharding):
 
 def build_model(config: Config, input_dim: int, key):
     return mixvae.MixVAE(
-        key, input_dim=input_dim, num_components=config.num_components, latent_dim=config.latent_dim,
-        latent_layout=config.latent_layout, encoder=config.encoder, decoder=config.decoder,
-        conditioning=config.decoder_conditioning, likelihood=config.likelihood,
-        width=config.hidden_dim, logit_init_scale=config.logit_init_scale, learnable_pi=config.learnable_pi,
+        key,
+        input_dim=input_dim,
+        num_components=config.num_components,
+        latent_dim=config.latent_dim,
+        latent_layout=config.latent_layout,
+        encoder=config.encoder,
+        decoder=config.decoder,
+        conditioning=config.decoder_conditioning,
+        likelihood=config.likelihood,
+        width=config.hidden_dim,
+        logit_init_scale=config.logit_init_scale,
+        learnable_pi=config.learnable_pi,
     )
 
 
 def build_objective(config: Config):
     return mixvae.Objective(
-        c_regularizer=config.c_regularizer, kl_c_weight=config.kl_c_weight,
-        prior_weight=config.prior_weight, prior_mean=config.prior_mean, prior_sigma=config.prior_sigma,
-        beta_z=config.beta_z, dirichlet_alpha=config.dirichlet_alpha,
-        dirichlet_weight=config.dirichlet_weight, diversity_weight=config.diversity_weight,
-        router=config.router, consistency_weight=config.consistency_weight,
-        augment_strength=config.augment_strength, top_m=config.top_m, top_m_capacity=config.top_m_capacity,
+        c_regularizer=config.c_regularizer,
+        kl_c_weight=config.kl_c_weight,
+        prior_weight=config.prior_weight,
+        prior_mean=config.prior_mean,
+        prior_sigma=config.prior_sigma,
+        beta_z=config.beta_z,
+        dirichlet_alpha=config.dirichlet_alpha,
+        dirichlet_weight=config.dirichlet_weight,
+        diversity_weight=config.diversity_weight,
+        router=config.router,
+        consistency_weight=config.consistency_weight,
+        augment_strength=config.augment_strength,
+        top_m=config.top_m,
+        top_m_capacity=config.top_m_capacity,
     )
 
 
@@ -311,7 +382,10 @@ def temperature(config: Config, epoch: int) -> float:
     """tau(e) = tau0 (tau_min / tau0)^min(1, e / N): exponential decay over N epochs."""
     n = config.gumbel_temperature_anneal_epochs
     progress = 1.0 if n == 0 else min(1.0, epoch / n)
-    return config.gumbel_temperature * (config.gumbel_temperature_min / config.gumbel_temperature) ** progress
+    return (
+        config.gumbel_temperature
+        * (config.gumbel_temperature_min / config.gumbel_temperature) ** progress
+    )
 
 
 @dataclasses.dataclass
@@ -334,11 +408,16 @@ class Curriculum:
     unlocking: bool = True
 
     @classmethod
-    def from_config(cls, config: Config) -> "Curriculum | None":
+    def from_config(cls, config: Config) -> Curriculum | None:
         if not config.curriculum:
             return None
-        return cls(config.num_components, config.curriculum_start, config.unlock_patience,
-                   config.unlock_min_delta, config.kick_epochs)
+        return cls(
+            config.num_components,
+            config.curriculum_start,
+            config.unlock_patience,
+            config.unlock_min_delta,
+            config.kick_epochs,
+        )
 
     def improves_on(self, loss: float, reference: float) -> bool:
         return reference == float("inf") or loss < reference - self.min_delta * abs(reference)
@@ -353,7 +432,9 @@ class Curriculum:
         if not self.unlocking or self.since_best < self.patience:
             return False
         if self.k_active >= self.num_components or (
-                self.best_before_unlock is not None and not self.improves_on(self.best, self.best_before_unlock)):
+            self.best_before_unlock is not None
+            and not self.improves_on(self.best, self.best_before_unlock)
+        ):
             self.unlocking = False
             return False
         self.best_before_unlock = self.best
@@ -401,7 +482,10 @@ def to_floats(metrics) -> dict[str, float]:
 def replica_floats(stacked_metrics) -> list[dict[str, float]]:
     """to_floats of each replica of metrics stacked on a leading replica axis (one transfer)."""
     host = jax.device_get(stacked_metrics)
-    return [to_floats({name: value[r] for name, value in host.items()}) for r in range(len(host["loss"]))]
+    return [
+        to_floats({name: value[r] for name, value in host.items()})
+        for r in range(len(host["loss"]))
+    ]
 
 
 summarize_replicas = jax.jit(jax.vmap(mixvae.summarize))  # epoch metrics of every replica, one call
@@ -409,6 +493,7 @@ summarize_replicas = jax.jit(jax.vmap(mixvae.summarize))  # epoch metrics of eve
 
 class TrainResult(NamedTuple):
     """One replica's outcome: its best model and its history."""
+
     seed: int
     model: object
     history: list[dict]
@@ -447,9 +532,21 @@ def initial_state(config: Config, input_dim: int) -> TrainState:
     optimizer = mixvae.make_optimizer(config.learning_rate)
     opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
     count = len(seeds)
-    return TrainState(0, models, opt_states, keys[:, 1], models, [np.random.default_rng(seed) for seed in seeds],
-                      np.full(count, np.inf), np.full(count, -1), np.zeros(count, int), np.ones(count, bool),
-                      config.num_components, Curriculum.from_config(config), [[] for _ in seeds])
+    return TrainState(
+        0,
+        models,
+        opt_states,
+        keys[:, 1],
+        models,
+        [np.random.default_rng(seed) for seed in seeds],
+        np.full(count, np.inf),
+        np.full(count, -1),
+        np.zeros(count, int),
+        np.ones(count, bool),
+        config.num_components,
+        Curriculum.from_config(config),
+        [[] for _ in seeds],
+    )
 
 
 STATE_FILE = "train_state.ckpt"
@@ -458,13 +555,22 @@ STATE_FILE = "train_state.ckpt"
 def save_state(run_dir: Path, config: Config, state: TrainState) -> None:
     """One file, written atomically: a JSON header (config, counters, shuffler states, curriculum,
     histories) then the arrays (models, optimizer states, keys, best models) as Equinox leaves."""
-    header = json.dumps({
-        "config": dataclasses.asdict(config), "epoch": state.epoch,
-        "rngs": [rng.bit_generator.state for rng in state.rngs], "best_value": state.best_value.tolist(),
-        "best_epoch": state.best_epoch.tolist(), "since_best": state.since_best.tolist(),
-        "running": state.running.tolist(), "best_k_active": state.best_k_active,
-        "curriculum": None if state.curriculum is None else dataclasses.asdict(state.curriculum),
-        "histories": state.histories}).encode()
+    header = json.dumps(
+        {
+            "config": dataclasses.asdict(config),
+            "epoch": state.epoch,
+            "rngs": [rng.bit_generator.state for rng in state.rngs],
+            "best_value": state.best_value.tolist(),
+            "best_epoch": state.best_epoch.tolist(),
+            "since_best": state.since_best.tolist(),
+            "running": state.running.tolist(),
+            "best_k_active": state.best_k_active,
+            "curriculum": None
+            if state.curriculum is None
+            else dataclasses.asdict(state.curriculum),
+            "histories": state.histories,
+        }
+    ).encode()
 
     def write(f):
         f.write(len(header).to_bytes(8, "little") + header)
@@ -483,33 +589,66 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
     path = run_dir / STATE_FILE
     problem = f"--resume={str(run_dir)!r} is not allowed: {path.name}"
     if not path.is_file():
-        raise ConfigError(f"{problem} is missing (not a run directory, or no checkpoint was written yet)")
+        raise ConfigError(
+            f"{problem} is missing (not a run directory, or no checkpoint was written yet)"
+        )
     fresh = initial_state(config, input_dim)
     try:
         with open(path, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             # what may change between a run and its resumption: where it lives, how long it runs
-            may_change = ("out_dir", "name", "overwrite", "epochs", "checkpoint_every", "eval_iw_samples")
-            saved = dataclasses.replace(config_from_json(header["config"]),
-                                        **{name: getattr(config, name) for name in may_change})
+            may_change = (
+                "out_dir",
+                "name",
+                "overwrite",
+                "epochs",
+                "checkpoint_every",
+                "eval_iw_samples",
+            )
+            saved = dataclasses.replace(
+                config_from_json(header["config"]),
+                **{name: getattr(config, name) for name in may_change},
+            )
             if saved != config:
-                changed = [k for k, v in dataclasses.asdict(config).items() if dataclasses.asdict(saved)[k] != v]
-                raise ConfigError(f"{problem} was written by another configuration "
-                                  f"({', '.join(configs.flag(k) for k in changed)} differ)")
-            models, opt_states, key_data, best_models = eqx.tree_deserialise_leaves(f, state_arrays(fresh))
+                changed = [
+                    k
+                    for k, v in dataclasses.asdict(config).items()
+                    if dataclasses.asdict(saved)[k] != v
+                ]
+                raise ConfigError(
+                    f"{problem} was written by another configuration "
+                    f"({', '.join(configs.flag(k) for k in changed)} differ)"
+                )
+            models, opt_states, key_data, best_models = eqx.tree_deserialise_leaves(
+                f, state_arrays(fresh)
+            )
             if f.read(1):
                 raise ValueError("trailing bytes")
     except ConfigError:
         raise
     except Exception as error:  # truncated or foreign: json, equinox and numpy raise several kinds
-        raise ConfigError(f"{problem} is truncated or does not match the run's config ({type(error).__name__})") from None
+        raise ConfigError(
+            f"{problem} is truncated or does not match the run's config ({type(error).__name__})"
+        ) from None
     rngs = [np.random.default_rng() for _ in header["rngs"]]
-    for rng, rng_state in zip(rngs, header["rngs"]):
+    for rng, rng_state in zip(rngs, header["rngs"], strict=True):
         rng.bit_generator.state = rng_state
     curriculum = None if header["curriculum"] is None else Curriculum(**header["curriculum"])
-    return TrainState(header["epoch"], models, opt_states, jax.random.wrap_key_data(key_data), best_models, rngs,
-                      np.array(header["best_value"]), np.array(header["best_epoch"]), np.array(header["since_best"]),
-                      np.array(header["running"]), header["best_k_active"], curriculum, header["histories"])
+    return TrainState(
+        header["epoch"],
+        models,
+        opt_states,
+        jax.random.wrap_key_data(key_data),
+        best_models,
+        rngs,
+        np.array(header["best_value"]),
+        np.array(header["best_epoch"]),
+        np.array(header["since_best"]),
+        np.array(header["running"]),
+        header["best_k_active"],
+        curriculum,
+        header["histories"],
+    )
 
 
 class StopRequest:
@@ -530,7 +669,9 @@ class StopRequest:
         if self.signal is not None:  # the second one: stop now
             signal.default_int_handler(signum, frame)
         self.signal = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this epoch (again to stop at once)")
+        tqdm.write(
+            f"{signal.Signals(signum).name}: stopping after this epoch (again to stop at once)"
+        )
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
@@ -539,13 +680,15 @@ class StopRequest:
 
 class Outcome(NamedTuple):
     """How training ended: status finished | interrupted | diverged, and one line saying why."""
+
     status: str
     detail: str
     signal: int | None = None
 
 
 def non_finite(epoch_metrics, val_metrics, running) -> str | None:
-    """The first training (incl. grad_norm) or validation metric that is NaN or inf in a running replica."""
+    """The first training (incl. grad_norm) or validation metric that is NaN or inf in a running "
+    "replica."""
     for name, value in epoch_metrics.items():
         if not np.all(np.isfinite(np.asarray(value)[running])):
             return name
@@ -556,7 +699,9 @@ def non_finite(epoch_metrics, val_metrics, running) -> str | None:
     return None
 
 
-def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tuple[list[TrainResult], Outcome]:
+def train(
+    config: Config, data: Dataset, state: TrainState, run_dir: Path
+) -> tuple[list[TrainResult], Outcome]:
     """Train the stacked replicas of `state` from its epoch to --epochs, one compiled call per
     epoch, each batch sharded over the data mesh; per replica, early stopping on the monitored
     validation metric with its best model kept; the curriculum, when on, opens channels between
@@ -568,7 +713,8 @@ def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tu
     objective = build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
     state.models, state.opt_states, state.best_models = (
-        put(tree, replicated) for tree in (state.models, state.opt_states, state.best_models))
+        put(tree, replicated) for tree in (state.models, state.opt_states, state.best_models)
+    )
     state.keys = jax.device_put(state.keys, replicated)
     train_images = jax.device_put(data.train.images, replicated)
     val_images = jax.device_put(data.val.images, replicated)
@@ -578,43 +724,84 @@ def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tu
     k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
 
     def mean(name, rows):  # over the replicas still running
-        return float(np.mean([row[name] for row, on in zip(rows, state.running) if on]))
+        return float(
+            np.mean([row[name] for row, on in zip(rows, state.running, strict=True) if on])
+        )
 
     start = time.perf_counter()
-    with StopRequest() as stop, tqdm(total=config.epochs, initial=state.epoch, desc="epochs", unit="epoch",
-                                     leave=False, disable=None) as bar:
+    with (
+        StopRequest() as stop,
+        tqdm(
+            total=config.epochs,
+            initial=state.epoch,
+            desc="epochs",
+            unit="epoch",
+            leave=False,
+            disable=None,
+        ) as bar,
+    ):
         while state.epoch < config.epochs and state.running.any():
             tick, epoch = time.perf_counter(), state.epoch
-            k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
+            k_active = (
+                config.num_components if state.curriculum is None else state.curriculum.k_active
+            )
             kick_active = state.curriculum is not None and state.curriculum.kick_left > 0
             sched = schedule(config, epoch, k_active, kick_active)
-            batches = np.stack([rng.permutation(num_train)[: steps * batch_size].reshape(steps, batch_size)
-                                for rng in state.rngs])
+            batches = np.stack(
+                [
+                    rng.permutation(num_train)[: steps * batch_size].reshape(steps, batch_size)
+                    for rng in state.rngs
+                ]
+            )
             keys, epoch_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
             models, opt_states, step_metrics = mixvae.train_replicas(
-                state.models, state.opt_states, train_images, jax.device_put(batches, batch_sharded), epoch_keys, sched,
-                objective, optimizer)
+                state.models,
+                state.opt_states,
+                train_images,
+                jax.device_put(batches, batch_sharded),
+                epoch_keys,
+                sched,
+                objective,
+                optimizer,
+            )
             epoch_metrics = summarize_replicas(step_metrics)
             train_metrics = replica_floats(epoch_metrics)
-            val_metrics = replica_floats(mixvae.validate_replicas(models, val_images, sched, objective))
+            val_metrics = replica_floats(
+                mixvae.validate_replicas(models, val_images, sched, objective)
+            )
             epoch_times.append(time.perf_counter() - tick)
             bad = non_finite(epoch_metrics, val_metrics, state.running)
             if bad is not None:  # keep the last good state, history and checkpoint
                 outcome = Outcome("diverged", f"{bad} became non-finite in epoch {epoch + 1}")
                 break
-            state.epoch, state.models, state.opt_states, state.keys = epoch + 1, models, opt_states, keys
+            state.epoch, state.models, state.opt_states, state.keys = (
+                epoch + 1,
+                models,
+                opt_states,
+                keys,
+            )
             monitored = np.array([metrics[config.monitor] for metrics in val_metrics])
-            unlocked = state.curriculum is not None and state.curriculum.update(epoch + 1, monitored[0])
+            unlocked = state.curriculum is not None and state.curriculum.update(
+                epoch + 1, monitored[0]
+            )
             for r in np.flatnonzero(state.running):
-                state.histories[r].append({
-                    "epoch": epoch + 1, "seed": seeds[r], **train_metrics[r],
-                    "grad_norm": float(epoch_metrics["grad_norm"][r]),
-                    **{f"val_{k}": v for k, v in val_metrics[r].items()},
-                    "unlocked": int(unlocked), "kick_active": int(kick_active),
-                    **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])}})
+                state.histories[r].append(
+                    {
+                        "epoch": epoch + 1,
+                        "seed": seeds[r],
+                        **train_metrics[r],
+                        "grad_norm": float(epoch_metrics["grad_norm"][r]),
+                        **{f"val_{k}": v for k, v in val_metrics[r].items()},
+                        "unlocked": int(unlocked),
+                        "kick_active": int(kick_active),
+                        **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])},
+                    }
+                )
             if anneals_done(config, epoch):
                 improved = state.running & (monitored < state.best_value)
-                state.best_models = select_replicas(jnp.asarray(improved), models, state.best_models)
+                state.best_models = select_replicas(
+                    jnp.asarray(improved), models, state.best_models
+                )
                 state.best_value[improved], state.best_epoch[improved] = monitored[improved], epoch
                 state.since_best = np.where(improved, 0, state.since_best + 1)
                 state.best_k_active = k_active if improved[0] else state.best_k_active
@@ -627,16 +814,22 @@ def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tu
                 f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
                 + (f"  (mean of {state.running.sum()} seeds)" if len(seeds) > 1 else "")
                 + (f"  k_active {k_active}" if state.curriculum else "")
-                + ("  -> unlock" if unlocked else ""))
+                + ("  -> unlock" if unlocked else "")
+            )
             if config.patience:
                 for r in np.flatnonzero(state.running & (state.since_best >= config.patience)):
-                    tqdm.write(f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
-                               f"val_{config.monitor} for {config.patience} epochs")
+                    tqdm.write(
+                        f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
+                        f"val_{config.monitor} for {config.patience} epochs"
+                    )
                     state.running[r] = False
             bar.update()
             if stop.signal is not None:
-                outcome = Outcome("interrupted", f"{signal.Signals(stop.signal).name} after epoch {state.epoch}",
-                                  stop.signal)
+                outcome = Outcome(
+                    "interrupted",
+                    f"{signal.Signals(stop.signal).name} after epoch {state.epoch}",
+                    stop.signal,
+                )
                 break
             if config.checkpoint_every and state.epoch % config.checkpoint_every == 0:
                 save_state(run_dir, config, state)
@@ -648,10 +841,19 @@ def train(config: Config, data: Dataset, state: TrainState, run_dir: Path) -> tu
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else 0.0
     training_time = time.perf_counter() - start
     compile_time = max(0.0, epoch_times[0] - steady) if epoch_times else 0.0
-    return [TrainResult(seed, replica(best_models, r), state.histories[r], int(best_epoch[r]) + 1,
-                        state.best_k_active if state.best_epoch[r] >= 0 else k_active, training_time, compile_time,
-                        state.curriculum)
-            for r, seed in enumerate(seeds)], outcome
+    return [
+        TrainResult(
+            seed,
+            replica(best_models, r),
+            state.histories[r],
+            int(best_epoch[r]) + 1,
+            state.best_k_active if state.best_epoch[r] >= 0 else k_active,
+            training_time,
+            compile_time,
+            state.curriculum,
+        )
+        for r, seed in enumerate(seeds)
+    ], outcome
 
 
 # --------------------------------------------------------------------------------------
@@ -676,15 +878,20 @@ def clustering_scores(channels, labels, train_channels, train_labels) -> dict[st
 
 
 def evaluate_split(model, config: Config, images, k_active: int):
-    metrics, terms = mixvae.evaluate(model, jax.device_put(images), schedule(config, config.epochs, k_active),
-                                     build_objective(config))
+    metrics, terms = mixvae.evaluate(
+        model,
+        jax.device_put(images),
+        schedule(config, config.epochs, k_active),
+        build_objective(config),
+    )
     return metrics, np.asarray(terms.responsibilities)
 
 
 def iw_nll(model, config: Config, images, k_active: int, key) -> float:
     """Test -log p(x) by importance weighting with --eval-iw-samples samples."""
-    log_likelihood = mixvae.evaluate_iw(model, images, key, schedule(config, config.epochs, k_active),
-                                        config.eval_iw_samples)
+    log_likelihood = mixvae.evaluate_iw(
+        model, images, key, schedule(config, config.epochs, k_active), config.eval_iw_samples
+    )
     return float(-jnp.mean(log_likelihood))
 
 
@@ -694,7 +901,9 @@ def evaluation(model, config: Config, data: Dataset, k_active: int, key):
     metrics, responsibilities = evaluate_split(model, config, data.test.images, k_active)
     _, train_responsibilities = evaluate_split(model, config, data.train.images, k_active)
     channels = responsibilities.argmax(-1)
-    scores = clustering_scores(channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels)
+    scores = clustering_scores(
+        channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels
+    )
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
     if config.eval_iw_samples:
         result["iw_nll"] = iw_nll(model, config, data.test.images, k_active, key)
@@ -723,7 +932,9 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+    atomic_write(
+        path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    )
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -751,8 +962,11 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     already, unless --overwrite and it is a previous run directory (then it is emptied)."""
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not (overwrite and (run_dir / "config.json").is_file()):
-            raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty directory "
-                              "(choose a new one, or --overwrite a previous run directory)")
+            raise ConfigError(
+                f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty "
+                "directory "
+                "(choose a new one, or --overwrite a previous run directory)"
+            )
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -765,7 +979,11 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
     """status (finished | interrupted | diverged, with status_detail), training, dataset,
     evaluation, curriculum."""
     last = result.history[-1]
-    training = {f"final_{prefix}{name}": last[f"{prefix}{name}"] for prefix in ("", "val_") for name in mixvae.METRICS}
+    training = {
+        f"final_{prefix}{name}": last[f"{prefix}{name}"]
+        for prefix in ("", "val_")
+        for name in mixvae.METRICS
+    }
     curriculum = result.curriculum
     return {
         "status": outcome.status,
@@ -778,13 +996,25 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
             "compile_time_sec": round(result.compile_time, 3),
         },
         "dataset": {
-            "name": data.name, "train_samples": len(data.train.images), "val_samples": len(data.val.images),
-            "test_samples": len(data.test.images), "input_dim": int(data.train.images.shape[1]),
+            "name": data.name,
+            "train_samples": len(data.train.images),
+            "val_samples": len(data.val.images),
+            "test_samples": len(data.test.images),
+            "input_dim": int(data.train.images.shape[1]),
         },
         "evaluation": evaluation_metrics,
-        **({} if curriculum is None else {"curriculum": {
-            "unlock_count": len(curriculum.unlock_epochs), "final_k_active": curriculum.k_active,
-            "unlock_epochs": curriculum.unlock_epochs, "best_model_k_active": result.best_k_active}}),
+        **(
+            {}
+            if curriculum is None
+            else {
+                "curriculum": {
+                    "unlock_count": len(curriculum.unlock_epochs),
+                    "final_k_active": curriculum.k_active,
+                    "unlock_epochs": curriculum.unlock_epochs,
+                    "best_model_k_active": result.best_k_active,
+                }
+            }
+        ),
     }
 
 
@@ -796,11 +1026,16 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
 def image_grid(ax, tiles, side: int, title: str) -> None:
     """Draw tiles [rows, columns, side * side] (NaN: empty) as one picture, one row per channel."""
     rows, columns = tiles.shape[:2]
-    padded = np.pad(tiles.reshape(rows, columns, side, side), ((0, 0), (0, 0), (0, 1), (0, 1)),
-                    constant_values=np.nan)
+    padded = np.pad(
+        tiles.reshape(rows, columns, side, side),
+        ((0, 0), (0, 0), (0, 1), (0, 1)),
+        constant_values=np.nan,
+    )
     canvas = padded.transpose(0, 2, 1, 3).reshape(rows * (side + 1), columns * (side + 1))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks((np.arange(rows) + 0.5) * (side + 1) - 1, labels=[str(k) for k in range(rows)], fontsize=7)
+    ax.set_yticks(
+        (np.arange(rows) + 0.5) * (side + 1) - 1, labels=[str(k) for k in range(rows)], fontsize=7
+    )
     ax.set_xticks([])
     ax.set_ylabel("channel")
     ax.set_title(title, fontsize=9)
@@ -822,17 +1057,28 @@ def plot_curriculum(history, curriculum: Curriculum, num_components: int, save) 
     top.set_title("curriculum: unlocks (dashed), kicks (shaded)")
     usage = np.array([[row[f"usage_{k}"] for k in range(num_components)] for row in history])
     closed = np.arange(num_components)[None, :] >= k_active[:, None]
-    image = bottom.imshow(np.ma.masked_where(closed, usage).T, aspect="auto", origin="lower", cmap="viridis",
-                          extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, num_components - 0.5))
+    image = bottom.imshow(
+        np.ma.masked_where(closed, usage).T,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, num_components - 0.5),
+    )
     bottom.set_facecolor("0.85")
     bottom.set_xlabel("epoch")
     bottom.set_ylabel("channel (grey: closed)")
     fig.colorbar(image, ax=[top, bottom], label="training usage E_x r", shrink=0.5)
-    save(fig, "curriculum.png", "Open channels over epochs (unlocks dashed, kicks shaded) and per-channel usage",
-         tight=False)
+    save(
+        fig,
+        "curriculum.png",
+        "Open channels over epochs (unlocks dashed, kicks shaded) and per-channel usage",
+        tight=False,
+    )
 
 
-def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResult, responsibilities, usage, key):
+def plot_figures(
+    fig_dir: Path, config: Config, data: Dataset, result: TrainResult, responsibilities, usage, key
+):
     """Write the PNG figures; returns {file name: caption}."""
     model, history, curriculum = result.model, result.history, result.curriculum
     matplotlib.use("Agg")
@@ -850,7 +1096,7 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
 
     def train_vs_val(metrics, name, caption):
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
-        for ax, metric in zip(axes, metrics):
+        for ax, metric in zip(axes, metrics, strict=True):
             ax.plot(epochs, [row[metric] for row in history], label="train")
             ax.plot(epochs, [row[f"val_{metric}"] for row in history], label="val")
             ax.set_title(metric)
@@ -858,10 +1104,16 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
         axes[0].legend()
         save(fig, name, caption)
 
-    train_vs_val(["loss", "reconstruction_loss", "kl_z", "kl_c", "kl_c_logit_mog"], "loss_curves.png",
-                 "Loss and each term, train vs validation")
-    train_vs_val(["responsibility_confidence", "component_entropy", "k_eff"], "routing.png",
-                 "Routing peakiness over training: E[max r], E[H(r)], k_eff")
+    train_vs_val(
+        ["loss", "reconstruction_loss", "kl_z", "kl_c", "kl_c_logit_mog"],
+        "loss_curves.png",
+        "Loss and each term, train vs validation",
+    )
+    train_vs_val(
+        ["responsibility_confidence", "component_entropy", "k_eff"],
+        "routing.png",
+        "Routing peakiness over training: E[max r], E[H(r)], k_eff",
+    )
 
     num_components = config.num_components
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * num_components), 3))
@@ -873,14 +1125,23 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
 
     channels = responsibilities.argmax(-1)
     num_labels = int(data.test.labels.max()) + 1
-    contingency = confusion_matrix(channels, data.test.labels, labels=np.arange(max(num_components, num_labels)))
+    contingency = confusion_matrix(
+        channels, data.test.labels, labels=np.arange(max(num_components, num_labels))
+    )
     contingency = contingency[:num_components, :num_labels]
     fig, ax = plt.subplots(figsize=(5.5, 0.3 * num_components + 1.5))
     image = ax.imshow(contingency, cmap="Blues", aspect="auto")
     for (k, label), count in np.ndenumerate(contingency):
         if count:
-            ax.text(label, k, str(count), ha="center", va="center", fontsize=6,
-                    color="white" if count > contingency.max() / 2 else "black")
+            ax.text(
+                label,
+                k,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if count > contingency.max() / 2 else "black",
+            )
     ax.set_xticks(np.arange(num_labels))
     ax.set_yticks(np.arange(num_components))
     ax.set_xlabel("true label")
@@ -902,12 +1163,23 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     tiles = np.full((num_components, 2 * columns + 1, num_pixels), np.nan)  # a blank column between
     start = 0
     for k, members in enumerate(shown):
-        tiles[k, : len(members)] = np.asarray(images)[start:start + len(members)]
-        tiles[k, columns + 1: columns + 1 + len(members)] = decoded[k, start:start + len(members)]
+        tiles[k, : len(members)] = np.asarray(images)[start : start + len(members)]
+        tiles[k, columns + 1 : columns + 1 + len(members)] = decoded[
+            k, start : start + len(members)
+        ]
         start += len(members)
     fig, ax = plt.subplots(figsize=(9, 0.5 * num_components + 0.8))
-    image_grid(ax, tiles, side, "test images routed to each channel (left), that channel's reconstructions (right)")
-    save(fig, "reconstructions.png", "One row per channel: test images routed to it, then its reconstructions")
+    image_grid(
+        ax,
+        tiles,
+        side,
+        "test images routed to each channel (left), that channel's reconstructions (right)",
+    )
+    save(
+        fig,
+        "reconstructions.png",
+        "One row per channel: test images routed to it, then its reconstructions",
+    )
 
     z = jax.random.normal(key, (num_components, columns, config.latent_dim))
     samples = np.asarray(mixvae.decoded_mean(model.decoders(z), num_pixels))
@@ -918,12 +1190,18 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
     if config.latent_dim == 2:
         images = mixvae.to_unit_interval(jnp.asarray(data.test.images))
         _, mean, _ = jax.vmap(model.encoder)(images)
-        routed_mean = np.asarray(mean if mean.ndim == 2 else mean[np.arange(len(channels)), channels])
+        routed_mean = np.asarray(
+            mean if mean.ndim == 2 else mean[np.arange(len(channels)), channels]
+        )
         fig, ax = plt.subplots(figsize=(5, 4.5))
         scatter = ax.scatter(routed_mean[:, 0], routed_mean[:, 1], c=channels, cmap="tab20", s=6)
         fig.colorbar(scatter, ax=ax, label="channel")
         ax.set_title("latent means of the routed channel (test)")
-        save(fig, "latent.png", "Latent means mu_c(x) of each test image's channel, coloured by channel")
+        save(
+            fig,
+            "latent.png",
+            "Latent means mu_c(x) of each test image's channel, coloured by channel",
+        )
     return figures
 
 
@@ -932,43 +1210,97 @@ def plot_figures(fig_dir: Path, config: Config, data: Dataset, result: TrainResu
 # --------------------------------------------------------------------------------------
 
 
-HEADLINE = ("responsibility_confidence", "component_entropy", "k_eff", "cluster_accuracy", "nmi", "ari",
-            "neg_elbo", "iw_nll")
+HEADLINE = (
+    "responsibility_confidence",
+    "component_entropy",
+    "k_eff",
+    "cluster_accuracy",
+    "nmi",
+    "ari",
+    "neg_elbo",
+    "iw_nll",
+)
 
 
 def config_table(config: Config) -> list[str]:
-    return ["## Config", "", "| flag | value |", "|---|---|",
-            *[f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()]]
+    return [
+        "## Config",
+        "",
+        "| flag | value |",
+        "|---|---|",
+        *[f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()],
+    ]
 
 
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
     training = summary["training"]
-    lines = [f"# Run report: {run_dir.name}", "",
-             f"Objective: c-regularizer `{config.c_regularizer}`; {summary['training']['epochs_completed']} "
-             f"epochs, best epoch {training['best_epoch']}; training {training['training_time_sec']:.1f} s "
-             f"(compile {training['compile_time_sec']:.1f} s).", "",
-             *([f"**Status: {summary['status']}** ({summary['status_detail']}): the tables below describe the "
-                "epochs before it.", ""] if summary["status"] != "finished" else []),
-             "**Test split:** " + ", ".join(f"{name} {summary['evaluation'][name]:.3f}" for name in HEADLINE
-                                           if name in summary["evaluation"]) + ".",
-             "",
-             *config_table(config)]
+    lines = [
+        f"# Run report: {run_dir.name}",
+        "",
+        f"Objective: c-regularizer `{config.c_regularizer}`; "
+        f"{summary['training']['epochs_completed']} "
+        f"epochs, best epoch {training['best_epoch']}; training "
+        f"{training['training_time_sec']:.1f} s "
+        f"(compile {training['compile_time_sec']:.1f} s).",
+        "",
+        *(
+            [
+                f"**Status: {summary['status']}** ({summary['status_detail']}): the tables below "
+                "describe the "
+                "epochs before it.",
+                "",
+            ]
+            if summary["status"] != "finished"
+            else []
+        ),
+        "**Test split:** "
+        + ", ".join(
+            f"{name} {summary['evaluation'][name]:.3f}"
+            for name in HEADLINE
+            if name in summary["evaluation"]
+        )
+        + ".",
+        "",
+        *config_table(config),
+    ]
     lines += ["", "## Dataset", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["dataset"].items()]
-    lines += ["", "## Training (last epoch)", "", "| metric | train | val | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{name}` | {training[f'final_{name}']:.4g} | {training[f'final_val_{name}']:.4g} | "
-              f"{meaning.replace('|', '&#124;')} |"
-              for name, meaning in mixvae.METRICS.items()]
-    lines += ["", "## Evaluation (test split, best model, no noise)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
-              for k, v in summary["evaluation"].items()]
+    lines += [
+        "",
+        "## Training (last epoch)",
+        "",
+        "| metric | train | val | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{name}` | {training[f'final_{name}']:.4g} | {training[f'final_val_{name}']:.4g} | "
+        f"{meaning.replace('|', '&#124;')} |"
+        for name, meaning in mixvae.METRICS.items()
+    ]
+    lines += [
+        "",
+        "## Evaluation (test split, best model, no noise)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+        for k, v in summary["evaluation"].items()
+    ]
     if "curriculum" in summary:
         c = summary["curriculum"]
-        lines += ["", "## Curriculum", "",
-                  f"Started with {config.curriculum_start} open channel(s); {c['unlock_count']} unlock(s) at the end "
-                  f"of epoch(s) {c['unlock_epochs'] or 'none'}; {c['final_k_active']} of {config.num_components} open "
-                  f"at the end; the best model (evaluated above) had {c['best_model_k_active']} open. "
-                  "See `curriculum.png`: unlocks dashed, kick windows shaded, closed channels grey."]
+        lines += [
+            "",
+            "## Curriculum",
+            "",
+            f"Started with {config.curriculum_start} open channel(s); {c['unlock_count']} "
+            "unlock(s) at the end "
+            f"of epoch(s) {c['unlock_epochs'] or 'none'}; {c['final_k_active']} of "
+            f"{config.num_components} open "
+            f"at the end; the best model (evaluated above) had {c['best_model_k_active']} open. "
+            "See `curriculum.png`: unlocks dashed, kick windows shaded, closed channels grey.",
+        ]
     lines += ["", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{name}](figures/{name})\n" for name, caption in figures.items()]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
@@ -982,13 +1314,20 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path) -> None:
     model = build_model(config, data.train.images.shape[1], jax.random.key(config.seed))
     x = jax.ShapeDtypeStruct((config.batch_size, data.train.images.shape[1]), jnp.float32)
-    loss, _ = eqx.filter_eval_shape(mixvae.loss_fn, model, x, jax.random.key(0), schedule(config, 0),
-                                    build_objective(config))
+    loss, _ = eqx.filter_eval_shape(
+        mixvae.loss_fn, model, x, jax.random.key(0), schedule(config, 0), build_objective(config)
+    )
     params = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
-    print(f"config ok: {data.name}, {len(data.train.images)} training images, K={config.num_components}, "
-          f"D={config.latent_dim}, c-regularizer {config.c_regularizer}")
+    print(
+        f"config ok: {data.name}, {len(data.train.images)} training images, "
+        f"K={config.num_components}, "
+        f"D={config.latent_dim}, c-regularizer {config.c_regularizer}"
+    )
     print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
-    print(f"seeds {' '.join(map(str, replica_seeds(config)))}; each batch sharded over {mesh.size} device(s)")
+    print(
+        f"seeds {' '.join(map(str, replica_seeds(config)))}; each batch sharded over {mesh.size} "
+        "device(s)"
+    )
     print(f"would write the run to {run_dir}/ (nothing trained, nothing written)")
 
 
@@ -999,11 +1338,18 @@ def resumed_config(config: Config) -> Config:
     try:
         saved = config_from_json(json.loads(path.read_text()))
     except OSError:
-        raise ConfigError(f"--resume={config.resume!r} is not allowed: not a run directory (no config.json)") from None
+        raise ConfigError(
+            f"--resume={config.resume!r} is not allowed: not a run directory (no config.json)"
+        ) from None
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"--resume={config.resume!r} is not allowed: config.json does not parse ({error})") from None
-    given = {name: getattr(config, name) for name in ("checkpoint_every", "eval_iw_samples")
-             if getattr(config, name) != getattr(Config(), name)}
+        raise ConfigError(
+            f"--resume={config.resume!r} is not allowed: config.json does not parse ({error})"
+        ) from None
+    given = {
+        name: getattr(config, name)
+        for name in ("checkpoint_every", "eval_iw_samples")
+        if getattr(config, name) != getattr(Config(), name)
+    }
     return configs.validate(dataclasses.replace(saved, epochs=config.epochs, **given))
 
 
@@ -1029,53 +1375,87 @@ def run(config: Config) -> tuple[Path, Outcome]:
         state = initial_state(config, input_dim)
     write_json(run_dir / "config.json", dataclasses.asdict(config))
     seeds = replica_seeds(config)
-    print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds, vmapped)" if len(seeds) > 1 else ""))
+    print(
+        f"run directory: {run_dir}" + (f" ({len(seeds)} seeds, vmapped)" if len(seeds) > 1 else "")
+    )
     results, outcome = train(config, data, state, run_dir)
     if not results[0].history:  # stopped within the first epoch: nothing to evaluate
-        write_json(run_dir / "summary.json", {"status": outcome.status, "status_detail": outcome.detail})
+        write_json(
+            run_dir / "summary.json", {"status": outcome.status, "status_detail": outcome.detail}
+        )
         return run_dir, outcome
     summaries = []
-    for result, (_, _, figure_key, iw_key) in zip(results, replica_keys(seeds)):
+    for result, (_, _, figure_key, iw_key) in zip(results, replica_keys(seeds), strict=True):
         seed_dir, seed_config = run_dir, config
         if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
             seed_dir = run_dir / f"seed_{result.seed}"
             seed_dir.mkdir(exist_ok=True)
-            seed_config = dataclasses.replace(config, seed=result.seed, seeds=(), split_seed=split_seed(config))
+            seed_config = dataclasses.replace(
+                config, seed=result.seed, seeds=(), split_seed=split_seed(config)
+            )
             write_json(seed_dir / "config.json", dataclasses.asdict(seed_config))
         write_history(seed_dir / "history.csv", result.history)
         save_checkpoint(seed_dir, result.model, seed_config, result.best_epoch)
-        summaries.append(evaluate_and_report(seed_dir, seed_config, data, result, outcome, iw_key, figure_key))
+        summaries.append(
+            evaluate_and_report(seed_dir, seed_config, data, result, outcome, iw_key, figure_key)
+        )
     if len(seeds) > 1:
         write_seeds_report(run_dir, config, summaries)
     return run_dir, outcome
 
 
-def evaluate_and_report(run_dir: Path, config: Config, data: Dataset, result: TrainResult, outcome: Outcome, iw_key,
-                        figure_key):
+def evaluate_and_report(
+    run_dir: Path,
+    config: Config,
+    data: Dataset,
+    result: TrainResult,
+    outcome: Outcome,
+    iw_key,
+    figure_key,
+):
     """Test evaluation of the best model, then summary.json, the figures and REPORT.md; returns
     the summary."""
-    evaluation_metrics, responsibilities, usage = evaluation(result.model, config, data, result.best_k_active, iw_key)
+    evaluation_metrics, responsibilities, usage = evaluation(
+        result.model, config, data, result.best_k_active, iw_key
+    )
     summary = summary_of(config, data, result, evaluation_metrics, outcome)
     write_json(run_dir / "summary.json", summary)
-    figures = plot_figures(run_dir / "figures", config, data, result, responsibilities, usage, figure_key)
+    figures = plot_figures(
+        run_dir / "figures", config, data, result, responsibilities, usage, figure_key
+    )
     write_report(run_dir, config, summary, figures)
-    print(f"test (seed {config.seed}): " + "  ".join(f"{name} {evaluation_metrics[name]:.3f}" for name in HEADLINE
-                                                    if name in evaluation_metrics))
+    print(
+        f"test (seed {config.seed}): "
+        + "  ".join(
+            f"{name} {evaluation_metrics[name]:.3f}"
+            for name in HEADLINE
+            if name in evaluation_metrics
+        )
+    )
     print(f"report: {run_dir / 'REPORT.md'}")
     return summary
 
 
 def seeds_summary(config: Config, summaries: list[dict]) -> dict:
     """Mean and sample standard deviation (ddof=1) of every numeric test metric over the seeds."""
-    metrics = [name for name, value in summaries[0]["evaluation"].items() if isinstance(value, float)]
-    values = {name: np.array([summary["evaluation"][name] for summary in summaries]) for name in metrics}
+    metrics = [
+        name for name, value in summaries[0]["evaluation"].items() if isinstance(value, float)
+    ]
+    values = {
+        name: np.array([summary["evaluation"][name] for summary in summaries]) for name in metrics
+    }
     return {
         "seeds": list(config.seeds),
-        "evaluation": {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))} for name, v in values.items()},
+        "evaluation": {
+            name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))}
+            for name, v in values.items()
+        },
         "per_seed": {str(seed): f"seed_{seed}/summary.json" for seed in config.seeds},
-        "training": {"training_time_sec": summaries[0]["training"]["training_time_sec"],
-                     "compile_time_sec": summaries[0]["training"]["compile_time_sec"],
-                     "best_epoch": [summary["training"]["best_epoch"] for summary in summaries]},
+        "training": {
+            "training_time_sec": summaries[0]["training"]["training_time_sec"],
+            "compile_time_sec": summaries[0]["training"]["compile_time_sec"],
+            "best_epoch": [summary["training"]["best_epoch"] for summary in summaries],
+        },
         "dataset": summaries[0]["dataset"],
     }
 
@@ -1085,17 +1465,28 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
     summary = seeds_summary(config, summaries)
     write_json(run_dir / "summary.json", summary)
     seeds = config.seeds
-    lines = [f"# Run report: {run_dir.name} ({len(seeds)} seeds)", "",
-             f"Objective: c-regularizer `{config.c_regularizer}`; seeds {', '.join(map(str, seeds))} trained as vmapped "
-             f"replicas in one process ({summary['training']['training_time_sec']:.1f} s), all on the data split of "
-             f"seed {split_seed(config)}. Each seed's own report: "
-             + ", ".join(f"[seed {seed}](seed_{seed}/REPORT.md)" for seed in seeds) + ".", "",
-             "## Evaluation (test split, best model per seed; std is the sample std, ddof=1)", "",
-             "| metric | mean ± std | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds)]
-    lines += [f"| `{name}` | {stats['mean']:.4g} ± {stats['std']:.2g} | "
-              + " | ".join(f"{s['evaluation'][name]:.4g}" for s in summaries) + " |"
-              for name, stats in summary["evaluation"].items()]
+    lines = [
+        f"# Run report: {run_dir.name} ({len(seeds)} seeds)",
+        "",
+        f"Objective: c-regularizer `{config.c_regularizer}`; seeds {', '.join(map(str, seeds))} "
+        "trained as vmapped "
+        f"replicas in one process ({summary['training']['training_time_sec']:.1f} s), all on the "
+        "data split of "
+        f"seed {split_seed(config)}. Each seed's own report: "
+        + ", ".join(f"[seed {seed}](seed_{seed}/REPORT.md)" for seed in seeds)
+        + ".",
+        "",
+        "## Evaluation (test split, best model per seed; std is the sample std, ddof=1)",
+        "",
+        "| metric | mean ± std | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    lines += [
+        f"| `{name}` | {stats['mean']:.4g} ± {stats['std']:.2g} | "
+        + " | ".join(f"{s['evaluation'][name]:.4g}" for s in summaries)
+        + " |"
+        for name, stats in summary["evaluation"].items()
+    ]
     lines += ["", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
@@ -1118,7 +1509,9 @@ def reevaluate(config: Config) -> Path:
         reevaluate_run(run_dir, config)
         return run_dir
     summaries = [reevaluate_run(run_dir / f"seed_{seed}", config) for seed in saved.seeds]
-    write_seeds_report(run_dir, dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples), summaries)
+    write_seeds_report(
+        run_dir, dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples), summaries
+    )
     return run_dir
 
 
@@ -1126,32 +1519,48 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
     """Re-evaluate one seed's run directory; returns its new summary."""
     needed = ["checkpoint.eqx", "checkpoint.json", "summary.json", "history.csv"]
     if not all((run_dir / name).is_file() for name in needed):
-        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: not a run directory (it needs "
-                          f"{', '.join(needed)})")
+        raise ConfigError(
+            f"--checkpoint={str(run_dir)!r} is not allowed: not a run directory (it needs "
+            f"{', '.join(needed)})"
+        )
     try:
         saved = config_from_json(json.loads((run_dir / "checkpoint.json").read_text())["config"])
         saved = configs.validate(dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples))
         summary = json.loads((run_dir / "summary.json").read_text())
         with open(run_dir / "history.csv") as f:
-            history = [{name: float(value) for name, value in row.items()} for row in csv.DictReader(f)]
+            history = [
+                {name: float(value) for name, value in row.items()} for row in csv.DictReader(f)
+            ]
     except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: its files do not parse ({error})") from None
+        raise ConfigError(
+            f"--checkpoint={str(run_dir)!r} is not allowed: its files do not parse ({error})"
+        ) from None
     data = load_dataset(saved)
     _, _, figure_key, iw_key = replica_keys((saved.seed,))[0]
     skeleton = build_model(saved, data.train.images.shape[1], jax.random.key(0))
     try:
         model = eqx.tree_deserialise_leaves(run_dir / "checkpoint.eqx", skeleton)
     except Exception as error:  # equinox raises several kinds for a mismatched or truncated file
-        raise ConfigError(f"--checkpoint={str(run_dir)!r} is not allowed: checkpoint.eqx does not match its "
-                          f"config ({type(error).__name__})") from None
+        raise ConfigError(
+            f"--checkpoint={str(run_dir)!r} is not allowed: checkpoint.eqx does not match its "
+            f"config ({type(error).__name__})"
+        ) from None
     curriculum = Curriculum.from_config(saved)
     if curriculum is not None:
         curriculum.k_active = summary["curriculum"]["final_k_active"]
         curriculum.unlock_epochs = summary["curriculum"]["unlock_epochs"]
     training = summary["training"]
     best_k_active = summary.get("curriculum", {}).get("best_model_k_active", saved.num_components)
-    result = TrainResult(saved.seed, model, history, training["best_epoch"], best_k_active, training["training_time_sec"],
-                         training["compile_time_sec"], curriculum)
+    result = TrainResult(
+        saved.seed,
+        model,
+        history,
+        training["best_epoch"],
+        best_k_active,
+        training["training_time_sec"],
+        training["compile_time_sec"],
+        curriculum,
+    )
     outcome = Outcome(summary.get("status", "finished"), summary.get("status_detail", ""))
     return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key)
 
@@ -1178,12 +1587,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; the run directory keeps its last checkpoint", file=sys.stderr)
         return 130
     if outcome.status == "interrupted":
-        print(f"interrupted ({outcome.detail}); continue with: python train.py --resume {run_dir} "
-              f"--epochs {config.epochs}", file=sys.stderr)
+        print(
+            f"interrupted ({outcome.detail}); continue with: python train.py --resume {run_dir} "
+            f"--epochs {config.epochs}",
+            file=sys.stderr,
+        )
         return 128 + outcome.signal
     if outcome.status == "diverged":
-        print(f"error: diverged: {outcome.detail}; training stopped, the run directory holds the last finite "
-              "epoch's history, checkpoint and report (status: diverged)", file=sys.stderr)
+        print(
+            f"error: diverged: {outcome.detail}; training stopped, the run directory holds the "
+            "last finite "
+            "epoch's history, checkpoint and report (status: diverged)",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
