@@ -4,6 +4,7 @@ its validation, and the named presets.  Standard library only."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 
@@ -222,6 +223,9 @@ class ConfigError(ValueError):
     """A bad configuration value; its message is one line naming the flag."""
 
 
+DEFAULT = Config()
+
+
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -242,10 +246,18 @@ def validate(config: Config) -> Config:
             "an integer >= 20 (or unset)",
         ),
         ("gumbel_temperature", c.gumbel_temperature > 0, "> 0"),
+        ("gumbel_temperature_min", c.gumbel_temperature_min > 0, "> 0"),
+        # the pair's bound names the flag that moved away from its default
         (
             "gumbel_temperature_min",
-            0 < c.gumbel_temperature_min <= c.gumbel_temperature,
-            f"in (0, --gumbel-temperature={c.gumbel_temperature}]",
+            c.gumbel_temperature_min <= c.gumbel_temperature
+            or c.gumbel_temperature_min == DEFAULT.gumbel_temperature_min,
+            f"at most --gumbel-temperature={c.gumbel_temperature}",
+        ),
+        (
+            "gumbel_temperature",
+            c.gumbel_temperature >= c.gumbel_temperature_min,
+            f"at least --gumbel-temperature-min={c.gumbel_temperature_min} (lower that too)",
         ),
         ("gumbel_temperature_anneal_epochs", c.gumbel_temperature_anneal_epochs >= 0, ">= 0"),
         ("kl_c_anneal_epochs", c.kl_c_anneal_epochs >= 0, ">= 0"),
@@ -293,6 +305,17 @@ def validate(config: Config) -> Config:
     ]
     if c.eval_only and c.checkpoint is None:
         raise ConfigError("--eval-only needs --checkpoint RUN_DIR, the run directory to evaluate")
+    if c.data_dir is not None and c.dataset == "digits":
+        raise ConfigError(
+            f"--data-dir={c.data_dir!r} is not allowed with --dataset=digits (shipped with "
+            "scikit-learn): it is for --dataset mnist or fashion-mnist"
+        )
+    for field in dataclasses.fields(Config):
+        value = getattr(c, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{flag(field.name)}={value!r} is not allowed: must be a finite number"
+            )
     for field, ok, allowed in checks:
         if not ok:
             raise ConfigError(

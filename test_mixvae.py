@@ -4,6 +4,8 @@ steps, and (further down) the program end to end."""
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -560,20 +562,36 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args,flag",
+    "args,message",
     [
-        (["--prior-sigma", "0"], "--prior-sigma"),
-        (["--num-components", "0"], "--num-components"),
-        (["--batch-size", "100000"], "--batch-size"),
-        (["--dataset", "imagenet"], "--dataset"),
-        (["--gumbel-temperature", "-1"], "--gumbel-temperature"),
-        (["--val-split", "1.5"], "--val-split"),
+        (["--prior-sigma", "0"], "--prior-sigma=0.0 is not allowed"),
+        (["--num-components", "0"], "--num-components=0"),
+        (["--batch-size", "100000"], "--batch-size=100000"),
+        (["--dataset", "imagenet"], "'imagenet' for argument '--dataset'"),
+        (["--gumbel-temperature", "-1"], "--gumbel-temperature=-1.0"),
+        (
+            ["--gumbel-temperature", "1e-8"],
+            "--gumbel-temperature=1e-08 .* --gumbel-temperature-min",
+        ),
+        (["--gumbel-temperature-min", "2"], "--gumbel-temperature-min=2.0 .* at most"),
+        (["--val-split", "1.5"], "--val-split=1.5"),
+        (["--prior-mean", "nan"], "--prior-mean=nan .* finite"),
+        (["--prior-mean", "inf"], "--prior-mean=inf .* finite"),
+        (["--learning-rate", "inf"], "--learning-rate=inf .* finite"),
+        (["--prior-sigma", "inf"], "--prior-sigma=inf .* finite"),
+        (["--diversity-weight", "nan"], "--diversity-weight=nan .* finite"),
+        (["--data-dir", "somewhere"], "--data-dir='somewhere' .* --dataset=digits"),
+        (["--epochs", "abc"], "--epochs: invalid literal"),
+        (["--bogus", "3"], "Unrecognized options: --bogus"),
     ],
 )
-def test_bad_values_exit_nonzero_with_a_message_naming_the_flag(args, flag, tmp_path):
-    result = run_cli(*args, "--out-dir", str(tmp_path / "run"))
-    assert result.returncode != 0
-    assert flag in result.stderr and "Traceback" not in result.stderr
+def test_bad_values_are_one_line_naming_the_flag_typed_and_write_nothing(
+    args, message, tmp_path, capsys
+):
+    assert train.main([*args, "--out-dir", str(tmp_path / "run")]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert re.search(message, stderr), stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -1117,6 +1135,7 @@ print(json.dumps(losses))
 def test_four_devices_give_the_losses_of_one_device():
     """Data-parallel SPMD over 4 forced host devices = the same training on 1 device."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env["JAX_PLATFORMS"] = "cpu"  # the forced host devices, also where a GPU is present
     result = subprocess.run(
         [sys.executable, "-c", FOUR_DEVICES],
         capture_output=True,
@@ -1147,13 +1166,51 @@ def test_resume_continues_bit_for_bit(tmp_path):
         )
         == 0
     )
-    assert len((resumed / "history.csv").read_text().splitlines()) == 1 + 3
+    assert len(read_history(resumed)) == 3
+    first_time = json.loads((resumed / "summary.json").read_text())["training"]["training_time_sec"]
     assert train.main(["--resume", str(resumed), "--epochs", "6"]) == 0
-    assert (resumed / "history.csv").read_bytes() == (straight / "history.csv").read_bytes()
+    assert metrics_of(read_history(resumed)) == metrics_of(read_history(straight))
+    assert [row["train_state_saved"] for row in read_history(resumed)] == ["1"] * 6
+    assert [row["train_state_saved"] for row in read_history(straight)] == ["0"] * 5 + ["1"]
     assert (resumed / "checkpoint.eqx").read_bytes() == (straight / "checkpoint.eqx").read_bytes()
     a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, resumed))
     assert b["status"] == "finished" and b["evaluation"] == a["evaluation"]
+    assert b["training"]["training_time_sec"] > first_time  # summed over both calls
     assert json.loads((resumed / "config.json").read_text())["epochs"] == 6
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "finished its 6 epochs; give --epochs N"),
+        (["--epochs", "6"], "--epochs=6 is not allowed with --resume: .* 6 epochs already"),
+        (["--epochs", "8", "--prior-mean", "3"], "not allowed with --prior-mean: .* keeps"),
+        (["--epochs", "8", "--seeds", "1", "2"], "not allowed with --seeds"),
+    ],
+)
+def test_resume_refuses_what_would_change_or_train_nothing(args, message, finished_run, capsys):
+    config = (finished_run / "config.json").read_bytes()
+    assert train.main(["--resume", str(finished_run), *args]) == 2
+    assert re.search(message, capsys.readouterr().err), message
+    assert (finished_run / "config.json").read_bytes() == config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 6-epoch run of the small config (not to be modified)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main(["--out-dir", str(out), "--epochs", "6", *SMALL_RUN]) == 0
+    return out
+
+
+def read_history(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_of(rows):
+    """History rows without the column that says when the training state was saved."""
+    return [{k: v for k, v in row.items() if k != "train_state_saved"} for row in rows]
 
 
 def test_checkpoint_is_written_atomically_and_every_n_epochs(tmp_path, monkeypatch):
@@ -1227,38 +1284,125 @@ def test_a_signal_after_the_first_epoch_checkpoints_reports_and_exits_nonzero(tm
     )
 
 
-def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_the_last_good_state(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize("bad_epoch", [1, 15])
+def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_what_it_says(
+    bad_epoch, tmp_path, monkeypatch, capsys
 ):
+    """NaN in epoch 1 (an --overwrite run: the previous run stays) and in epoch 15 (the default
+    --checkpoint-every 10): the message and summary.json say what is kept, and it is."""
+    out = tmp_path / "run"
+    if bad_epoch == 1:
+        assert train.main(["--out-dir", str(out), "--epochs", "2", *SMALL_RUN]) == 0
+        previous = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     real_step, calls = mixvae.train_replicas, []
 
     def poisoned(*args):
         models, opt_states, metrics = real_step(*args)
         calls.append(1)
-        if len(calls) == 3:  # the third epoch's loss is NaN
+        if len(calls) == bad_epoch:
             metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
         return models, opt_states, metrics
 
     monkeypatch.setattr(mixvae, "train_replicas", poisoned)
+    capsys.readouterr()
+    args = ["--out-dir", str(out), "--epochs", "20", "--overwrite", *SMALL_RUN]
+    assert train.main(args) == 3
+    stderr = capsys.readouterr().err
+    assert f"loss became non-finite in epoch {bad_epoch}" in stderr
+    if bad_epoch == 1:  # nothing trained: the previous run is back, untouched
+        assert "previous run is back" in stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == previous
+        return
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["kept"] in stderr
+    assert "history.csv and train_state.ckpt of the 14 finite epoch(s)" in summary["kept"]
+    assert summary["training"]["epochs_completed"] == 14
+    rows = read_history(out)
+    assert len(rows) == 14 and all(np.isfinite(float(v)) for row in rows for v in row.values())
+    assert [int(row["train_state_saved"]) for row in rows] == [0] * 9 + [1] + [0] * 3 + [1]
+    assert train.saved_epoch(out) == 14
+    assert all(np.isfinite(v) for v in summary["evaluation"].values() if isinstance(v, float))
+    assert (out / "checkpoint.eqx").is_file() and (out / "REPORT.md").is_file()
+
+
+def test_runs_started_together_get_a_directory_each(tmp_path):
+    """Three identical runs started at once in one directory, under the default run name."""
+    args = [sys.executable, str(REPO / "train.py"), "--epochs", "1", *SMALL_RUN]
+    children = [
+        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for child in children:
+        _, stderr = child.communicate(timeout=240)
+        assert child.returncode == 0, stderr.decode()[-2000:]
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 3
+    assert all(
+        d.name.endswith(("logit_mog-num-components4-hidden-dim16-epochs1", "-2", "-3"))
+        for d in run_dirs
+    )
+    for run_dir in run_dirs:
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+        assert len(read_history(run_dir)) == 1 and (run_dir / "train_state.ckpt").is_file()
+
+
+def test_sigkill_leaves_a_readable_history_and_a_state_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out-dir", str(out), "--epochs", "500", "--patience", "0"]
+    args += ["--checkpoint-every", "2", *SMALL_RUN]
+    child = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in child.stdout:
+        if line.startswith("epoch   3/"):  # epoch 3 is in history.csv; epoch 4 is running
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=60)
+    rows = read_history(out)
+    assert len(rows) >= 3 and [int(row["epoch"]) for row in rows] == list(range(1, len(rows) + 1))
+    saved = [int(row["epoch"]) for row in rows if row["train_state_saved"] == "1"]
+    assert saved and train.saved_epoch(out) == saved[-1]
+    capsys.readouterr()
+    assert train.main(["--eval-only", "--checkpoint", str(out)]) == 2
+    assert f"python train.py --resume {out}" in capsys.readouterr().err
+    assert train.main(["--resume", str(out), "--epochs", str(len(rows) + 1)]) == 0
+    resumed = read_history(out)
+    assert len(resumed) == len(rows) + 1
+    assert metrics_of(resumed[: len(rows)]) == metrics_of(rows)  # bit for bit
+
+
+def test_failure_warnings_name_collapse_chance_accuracy_and_a_flat_elbo():
+    labels = np.repeat(np.arange(10), 10)
+    history = [{"val_neg_elbo": 30.0}, {"val_neg_elbo": 31.0}]
+    result = train.TrainResult(0, None, history, 2, 4, 0.0, 0.0, None)
+    one_channel = np.tile([0.0, 1.0, 0.0, 0.0], (100, 1))
+    metrics = {"responsibility_confidence": 1.0, "cluster_accuracy": 0.1}
+    warnings = train.failure_warnings(result, metrics, one_channel, labels)
+    assert len(warnings) == 3
+    assert "100 of 100 test images are routed to channel 1" in warnings[0]
+    assert "near chance (0.100)" in warnings[1] and "never fell below" in warnings[2]
+    spread = np.eye(4)[np.arange(100) % 4]
+    good = {"responsibility_confidence": 0.97, "cluster_accuracy": 0.9}
+    result = result._replace(history=history[::-1])
+    assert train.failure_warnings(result, good, spread, labels) == []
+    result = result._replace(best_k_active=1)  # one channel: a plain VAE, no collapse to flag
+    assert train.failure_warnings(result, metrics, one_channel, labels) == []
+
+
+def test_a_collapsed_run_is_flagged_in_summary_report_and_stderr(tmp_path, capsys):
     out = tmp_path / "run"
     assert (
-        train.main(["--out-dir", str(out), "--epochs", "6", "--checkpoint-every", "1", *SMALL_RUN])
-        == 3
+        train.main(["--out-dir", str(out), "--prior-mean", "1e6", "--epochs", "3", *SMALL_RUN]) == 0
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert (
-        summary["status"] == "diverged"
-        and "loss became non-finite in epoch 3" in summary["status_detail"]
-    )
-    assert summary["training"]["epochs_completed"] == 2
-    with open(out / "history.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and all(np.isfinite(float(v)) for row in rows for v in row.values())
-    assert all(np.isfinite(v) for v in summary["evaluation"].values() if isinstance(v, float))
-    with open(out / "train_state.ckpt", "rb") as f:
-        assert (
-            json.loads(f.read(int.from_bytes(f.read(8), "little")))["epoch"] == 2
-        )  # the last good epoch
+    assert any("collapsed" in warning for warning in summary["warnings"]), summary["warnings"]
+    assert "warning (" in capsys.readouterr().err
+    assert "**Warning: collapsed" in (out / "REPORT.md").read_text()
 
 
 def test_hostile_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):

@@ -11,13 +11,17 @@ train_state.ckpt for --resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,12 +60,36 @@ matplotlib.use("Agg")  # figures are files; never open a window
 
 
 def parse_config(argv: list[str]) -> Config:
-    """tyro flags on top of the defaults of `--preset NAME` (or of Config())."""
+    """tyro flags on top of the defaults of `--preset NAME` (or of Config()). A parse error is a
+    ConfigError of one line (tyro's message without its box); --help prints and exits."""
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--preset")
     preset = peek.parse_known_args(argv)[0].preset
     default = configs.PRESETS.get(preset, Config())
-    return tyro.cli(Config, args=argv, default=default)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Config, args=argv, default=default)
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise
+        # tyro's box: a title line (or a top border holding the title), rules, the message
+        lines = [line.strip(" │┃") for line in captured.getvalue().splitlines()]
+        lines = [line for line in lines if line][1:]
+        is_rule = set("-─━╰╯ ").issuperset
+        start = next((i for i, line in enumerate(lines) if not is_rule(line)), len(lines))
+        end = next((i for i in range(start, len(lines)) if is_rule(lines[i])), len(lines))
+        body = lines[start:end]
+        raise ConfigError(" ".join(" ".join(line.split()) for line in body if line)) from None
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Config fields named on the command line: --prior-mean 7 and --no-overwrite both count."""
+    names = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return {name.removeprefix("no_") if name not in FIELDS else name for name in names} & FIELDS
+
+
+FIELDS = {field.name for field in dataclasses.fields(Config)}
 
 
 # --------------------------------------------------------------------------------------
@@ -136,20 +164,24 @@ def download(url: str, path: Path) -> None:
 
 
 def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
-    """The four files, downloaded first where missing, each checked against its official MD5."""
+    """The four files, downloaded first where missing, each checked against its official MD5.
+    Downloads land in a temporary directory; data_dir is created only once all of them arrived."""
     mirrors, checksums = IDX_DATASETS[dataset]
     missing = [name for name in checksums if not (data_dir / name).is_file()]
     if missing:
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            for name in missing:
-                for i, mirror in enumerate(mirrors):
-                    try:
-                        download(mirror + name, data_dir / name)
-                        break
-                    except OSError:
-                        if i == len(mirrors) - 1:
-                            raise
+            with tempfile.TemporaryDirectory(prefix="mixvae-download-") as staging:
+                for name in missing:
+                    for i, mirror in enumerate(mirrors):
+                        try:
+                            download(mirror + name, Path(staging) / name)
+                            break
+                        except OSError:
+                            if i == len(mirrors) - 1:
+                                raise
+                data_dir.mkdir(parents=True, exist_ok=True)
+                for name in missing:
+                    shutil.move(Path(staging) / name, data_dir / name)
         except OSError as error:
             raise DataError(
                 f"{dataset}: {', '.join(missing)} not found in {data_dir} and could not be "
@@ -522,6 +554,7 @@ class TrainState:
     best_k_active: int
     curriculum: Curriculum | None
     histories: list  # per replica, one dict per epoch
+    training_time: float = 0.0  # seconds spent training, summed over this run's resumptions
 
 
 def initial_state(config: Config, input_dim: int) -> TrainState:
@@ -569,6 +602,7 @@ def save_state(run_dir: Path, config: Config, state: TrainState) -> None:
             if state.curriculum is None
             else dataclasses.asdict(state.curriculum),
             "histories": state.histories,
+            "training_time": state.training_time,
         }
     ).encode()
 
@@ -577,6 +611,17 @@ def save_state(run_dir: Path, config: Config, state: TrainState) -> None:
         eqx.tree_serialise_leaves(f, state_arrays(state))
 
     atomic_write(run_dir / STATE_FILE, write)
+
+
+def read_state_header(f) -> dict:
+    """The JSON header of a train_state.ckpt opened at its start; leaves f at the arrays."""
+    return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def saved_epoch(run_dir: Path) -> int:
+    """The epoch a train_state.ckpt holds, from its header alone."""
+    with open(run_dir / STATE_FILE, "rb") as f:
+        return read_state_header(f)["epoch"]
 
 
 def state_arrays(state: TrainState):
@@ -595,7 +640,7 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
     fresh = initial_state(config, input_dim)
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header = read_state_header(f)
             # what may change between a run and its resumption: where it lives, how long it runs
             may_change = (
                 "out_dir",
@@ -648,6 +693,7 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
         header["best_k_active"],
         curriculum,
         header["histories"],
+        header.get("training_time", 0.0),
     )
 
 
@@ -679,11 +725,13 @@ class StopRequest:
 
 
 class Outcome(NamedTuple):
-    """How training ended: status finished | interrupted | diverged, and one line saying why."""
+    """How training ended: status finished | interrupted | diverged, one line saying why, and
+    (diverged) what the run directory keeps."""
 
     status: str
     detail: str
     signal: int | None = None
+    kept: str = ""
 
 
 def non_finite(epoch_metrics, val_metrics, running) -> str | None:
@@ -705,9 +753,16 @@ def train(
     """Train the stacked replicas of `state` from its epoch to --epochs, one compiled call per
     epoch, each batch sharded over the data mesh; per replica, early stopping on the monitored
     validation metric with its best model kept; the curriculum, when on, opens channels between
-    epochs. Saves the state every --checkpoint-every epochs, at the end and when interrupted;
-    stops without saving when a metric becomes non-finite."""
+    epochs. Each replica's history.csv gains its row as each epoch ends. Saves the state every
+    --checkpoint-every epochs and, when training stops (end, early stop, signal, or a metric
+    that became non-finite: then the last finite epoch), after the last epoch; the history's
+    train_state_saved column marks the epochs the state was saved after."""
     seeds = replica_seeds(config)
+    history_paths = [directory / "history.csv" for directory in replica_dirs(run_dir, config)]
+    for path in history_paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for path, history in zip(history_paths, state.histories, strict=True):
+        write_history(path, history)  # a resumed run's history up to its checkpoint
     mesh = data_mesh(config)
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, None, "data"))
     objective = build_objective(config)
@@ -723,12 +778,10 @@ def train(
     epoch_times, outcome = [], Outcome("finished", "")
     k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
 
-    def mean(name, rows):  # over the replicas still running
-        return float(
-            np.mean([row[name] for row, on in zip(rows, state.running, strict=True) if on])
-        )
+    def mean(name, rows):  # over the replicas that trained this epoch
+        return float(np.mean([row[name] for row, on in zip(rows, ran, strict=True) if on]))
 
-    start = time.perf_counter()
+    start, saved_epoch, time_before = time.perf_counter(), state.epoch, state.training_time
     with (
         StopRequest() as stop,
         tqdm(
@@ -741,7 +794,7 @@ def train(
         ) as bar,
     ):
         while state.epoch < config.epochs and state.running.any():
-            tick, epoch = time.perf_counter(), state.epoch
+            tick, epoch, ran = time.perf_counter(), state.epoch, state.running.copy()
             k_active = (
                 config.num_components if state.curriculum is None else state.curriculum.k_active
             )
@@ -784,19 +837,21 @@ def train(
             unlocked = state.curriculum is not None and state.curriculum.update(
                 epoch + 1, monitored[0]
             )
+            saving = bool(config.checkpoint_every) and state.epoch % config.checkpoint_every == 0
+            new_rows = {}
             for r in np.flatnonzero(state.running):
-                state.histories[r].append(
-                    {
-                        "epoch": epoch + 1,
-                        "seed": seeds[r],
-                        **train_metrics[r],
-                        "grad_norm": float(epoch_metrics["grad_norm"][r]),
-                        **{f"val_{k}": v for k, v in val_metrics[r].items()},
-                        "unlocked": int(unlocked),
-                        "kick_active": int(kick_active),
-                        **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])},
-                    }
-                )
+                new_rows[r] = {
+                    "epoch": epoch + 1,
+                    "seed": seeds[r],
+                    **train_metrics[r],
+                    "grad_norm": float(epoch_metrics["grad_norm"][r]),
+                    **{f"val_{k}": v for k, v in val_metrics[r].items()},
+                    "unlocked": int(unlocked),
+                    "kick_active": int(kick_active),
+                    **{f"usage_{k}": float(u) for k, u in enumerate(epoch_metrics["usage"][r])},
+                    "train_state_saved": int(saving),
+                }
+                state.histories[r].append(new_rows[r])
             if anneals_done(config, epoch):
                 improved = state.running & (monitored < state.best_value)
                 state.best_models = select_replicas(
@@ -807,22 +862,30 @@ def train(
                 state.best_k_active = k_active if improved[0] else state.best_k_active
             if unlocked:
                 state.since_best[:] = 0  # early stopping restarts at each unlock
+            stopping = np.flatnonzero(
+                state.running & (state.since_best >= config.patience) if config.patience else []
+            )
+            state.running[stopping] = False
+            if saving:
+                state.training_time = time_before + time.perf_counter() - start
+                save_state(run_dir, config, state)
+                saved_epoch = state.epoch
+            for r, row in new_rows.items():
+                append_history(history_paths[r], row)
             tqdm.write(
                 f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
                 f"val_loss {mean('loss', val_metrics):9.3f}  "
                 f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
                 f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
-                + (f"  (mean of {state.running.sum()} seeds)" if len(seeds) > 1 else "")
+                + (f"  (mean of {ran.sum()} seeds)" if len(seeds) > 1 else "")
                 + (f"  k_active {k_active}" if state.curriculum else "")
                 + ("  -> unlock" if unlocked else "")
             )
-            if config.patience:
-                for r in np.flatnonzero(state.running & (state.since_best >= config.patience)):
-                    tqdm.write(
-                        f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
-                        f"val_{config.monitor} for {config.patience} epochs"
-                    )
-                    state.running[r] = False
+            for r in stopping:
+                tqdm.write(
+                    f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
+                    f"val_{config.monitor} for {config.patience} epochs"
+                )
             bar.update()
             if stop.signal is not None:
                 outcome = Outcome(
@@ -831,15 +894,19 @@ def train(
                     stop.signal,
                 )
                 break
-            if config.checkpoint_every and state.epoch % config.checkpoint_every == 0:
-                save_state(run_dir, config, state)
-    if outcome.status != "diverged":
+    state.training_time = time_before + time.perf_counter() - start
+    if state.epoch > saved_epoch:  # the last (finite) epoch, when it was not saved in the loop
+        for history in state.histories:
+            if history and history[-1]["epoch"] == state.epoch:
+                history[-1]["train_state_saved"] = 1
         save_state(run_dir, config, state)
+        for path, history in zip(history_paths, state.histories, strict=True):
+            write_history(path, history)
     never_improved = state.best_epoch < 0  # stopped before the anneals ended: keep the last model
     best_models = select_replicas(jnp.asarray(never_improved), state.models, state.best_models)
     best_epoch = np.where(never_improved, [len(h) - 1 for h in state.histories], state.best_epoch)
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else 0.0
-    training_time = time.perf_counter() - start
+    training_time = state.training_time
     compile_time = max(0.0, epoch_times[0] - steady) if epoch_times else 0.0
     return [
         TrainResult(
@@ -938,11 +1005,25 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = list(history[0])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+    """history.csv of one replica, whole (nothing when the history is empty)."""
+    if history:
+        atomic_write(path, lambda f: f.write(history_csv(history, header=True).encode()))
+
+
+def append_history(path: Path, row: dict) -> None:
+    """Add one epoch's row to history.csv (the header first, into a new file); flushed on
+    return, so `tail -f` shows each epoch as it ends."""
+    with open(path, "a") as f:
+        f.write(history_csv([row], header=f.tell() == 0))
+
+
+def history_csv(rows: list[dict], header: bool) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    if header:
         writer.writeheader()
-        writer.writerows(history)
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def save_checkpoint(run_dir: Path, model, config: Config, epoch: int) -> None:
@@ -950,29 +1031,111 @@ def save_checkpoint(run_dir: Path, model, config: Config, epoch: int) -> None:
     write_json(run_dir / "checkpoint.json", {"epoch": epoch, "config": dataclasses.asdict(config)})
 
 
-def resolve_run_dir(config: Config) -> Path:
-    if config.out_dir is not None:
-        return Path(config.out_dir)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{config.name or config.preset or config.c_regularizer}"
+RUN_FILES = {"config.json", "history.csv", "summary.json", "REPORT.md", "figures"}
+RUN_FILES |= {"checkpoint.eqx", "checkpoint.json", STATE_FILE}
+NOT_IN_RUN_NAME = {"preset", "name", "out_dir", "overwrite", "resume", "checkpoint", "eval_only"}
+NOT_IN_RUN_NAME |= {"validate_only", "checkpoint_every", "data_dir", "devices", "eval_iw_samples"}
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory and check that it is writable; refuse one that holds files
-    already, unless --overwrite and it is a previous run directory (then it is emptied)."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not (overwrite and (run_dir / "config.json").is_file()):
-            raise ConfigError(
-                f"--out-dir={str(run_dir)!r} is not allowed: it exists and is not an empty "
-                "directory "
-                "(choose a new one, or --overwrite a previous run directory)"
+def run_name(config: Config) -> str:
+    """--name, else the preset or the c-regularizer and each flag that differs from the preset's
+    (or the global) defaults, e.g. logit_mog-prior-mean9-seed1 or mnist-seeds0_1_2."""
+    if config.name is not None:
+        return config.name
+    default = configs.PRESETS.get(config.preset, configs.DEFAULT)
+    parts = [config.preset or config.c_regularizer]
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if field.name in NOT_IN_RUN_NAME or value == getattr(default, field.name):
+            continue
+        if field.name == "c_regularizer" and config.preset is None:
+            continue  # already the name's first part
+        text = (
+            "_".join(map(str, value))
+            if isinstance(value, tuple)
+            else f"{value:g}"
+            if (isinstance(value, float))
+            else str(value)
+        )
+        parts.append(field.name.replace("_", "-") + text)
+    return re.sub(r"[^A-Za-z0-9._+-]", "", "-".join(parts))[:96]
+
+
+def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
+    """Create this run's directory, and its config.json, each by an exclusive create, so that N
+    runs started together get N directories. Default: runs/<timestamp>-<run name>, then -2, -3,
+    ... when taken. --out-dir must be new or empty; with --overwrite, a previous run directory
+    holding only files this program writes is moved aside to .<name>.replaced-<pid> (returned:
+    `run` deletes it once the new run has trained an epoch, and puts it back otherwise)."""
+    replaced = None
+    if config.out_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for attempt in itertools.count(1):
+            run_dir = Path("runs") / (f"{stamp}-{run_name(config)}" + f"-{attempt}" * (attempt > 1))
+            try:
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot create the run directory {run_dir} ({error.strerror}); "
+                    "give --out-dir DIR"
+                ) from None
+    else:
+        run_dir = Path(config.out_dir)
+        problem = f"--out-dir={str(run_dir)!r} is not allowed"
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            if not (config.overwrite and (run_dir / "config.json").is_file()):
+                raise ConfigError(
+                    f"{problem}: it exists and is not an empty directory (choose a "
+                    "new one, or --overwrite a previous run directory)"
+                )
+            foreign = sorted(
+                entry.name
+                for entry in run_dir.iterdir()
+                if entry.name not in RUN_FILES and not entry.name.startswith((".", "seed_"))
             )
-        shutil.rmtree(run_dir)
+            if foreign:
+                raise ConfigError(
+                    f"{problem}: --overwrite would delete {', '.join(foreign)}, "
+                    "which this program did not write (move them away first)"
+                )
+            replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+            run_dir.rename(replaced)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"{problem}: cannot create it ({error.strerror})") from None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
+        fd = os.open(run_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as error:
-        raise ConfigError(f"--out-dir={str(run_dir)!r} is not allowed: {error.strerror}") from None
+        if replaced is not None:
+            replaced.rename(run_dir)
+        taken = isinstance(error, FileExistsError)
+        raise ConfigError(
+            f"--out-dir={str(run_dir)!r} is not allowed: "
+            + (
+                "another run has just started in it"
+                if taken
+                else f"cannot write in it ({error.strerror})"
+            )
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return run_dir, replaced
+
+
+def replica_dirs(run_dir: Path, config: Config) -> list[Path]:
+    """Where each replica's files go: the run directory, or seed_<s>/ per seed with --seeds."""
+    seeds = replica_seeds(config)
+    return [run_dir] if len(seeds) == 1 else [run_dir / f"seed_{seed}" for seed in seeds]
+
+
+def replica_config(config: Config, seed: int) -> Config:
+    """The config of one seed of a --seeds run, as a single run of that seed would be given."""
+    return dataclasses.replace(config, seed=seed, seeds=(), split_seed=split_seed(config))
 
 
 def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: Outcome) -> dict:
@@ -988,6 +1151,7 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
     return {
         "status": outcome.status,
         **({"status_detail": outcome.detail} if outcome.detail else {}),
+        **({"kept": outcome.kept} if outcome.kept else {}),
         "training": {
             **training,
             "best_epoch": result.best_epoch,
@@ -1237,6 +1401,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
     lines = [
         f"# Run report: {run_dir.name}",
         "",
+        *[f"**Warning: {warning}.**\n" for warning in summary.get("warnings", [])],
         f"Objective: c-regularizer `{config.c_regularizer}`; "
         f"{summary['training']['epochs_completed']} "
         f"epochs, best epoch {training['best_epoch']}; training "
@@ -1246,8 +1411,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         *(
             [
                 f"**Status: {summary['status']}** ({summary['status_detail']}): the tables below "
-                "describe the "
-                "epochs before it.",
+                "describe the epochs before it.",
                 "",
             ]
             if summary["status"] != "finished"
@@ -1311,7 +1475,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 # --------------------------------------------------------------------------------------
 
 
-def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path) -> None:
+def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | None) -> None:
     model = build_model(config, data.train.images.shape[1], jax.random.key(config.seed))
     x = jax.ShapeDtypeStruct((config.batch_size, data.train.images.shape[1]), jnp.float32)
     loss, _ = eqx.filter_eval_shape(
@@ -1328,80 +1492,139 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path) -> N
         f"seeds {' '.join(map(str, replica_seeds(config)))}; each batch sharded over {mesh.size} "
         "device(s)"
     )
-    print(f"would write the run to {run_dir}/ (nothing trained, nothing written)")
+    where = run_dir or config.out_dir or f"runs/<timestamp>-{run_name(config)}"
+    print(f"would write the run to {where}/ (nothing trained, nothing written)")
 
 
-def resumed_config(config: Config) -> Config:
-    """--resume RUN_DIR: the run's saved config with this call's --epochs, and its
-    --checkpoint-every and --eval-iw-samples where they are not the defaults."""
-    path = Path(config.resume) / "config.json"
+RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples"}
+
+
+def resumed_config(config: Config, given: set[str]) -> Config:
+    """--resume RUN_DIR: the run's saved config, with this call's --epochs (default: the run's
+    own), --checkpoint-every and --eval-iw-samples where given. Any other flag is refused by name:
+    a resumed run keeps its configuration."""
+    problem = f"--resume={config.resume!r} is not allowed"
+    other = sorted(given - RESUME_FLAGS)
+    if other:
+        raise ConfigError(
+            f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
+            "keeps its config.json; only --epochs, --checkpoint-every and --eval-iw-samples change"
+        )
     try:
-        saved = config_from_json(json.loads(path.read_text()))
+        saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
     except OSError:
-        raise ConfigError(
-            f"--resume={config.resume!r} is not allowed: not a run directory (no config.json)"
-        ) from None
+        raise ConfigError(f"{problem}: not a run directory (no config.json)") from None
     except (TypeError, ValueError) as error:
+        raise ConfigError(f"{problem}: config.json does not parse ({error})") from None
+    changes = {name: getattr(config, name) for name in given & RESUME_FLAGS - {"resume"}}
+    return configs.validate(dataclasses.replace(saved, **changes))
+
+
+def check_resumable(run_dir: Path, config: Config, state: TrainState, given: set[str]) -> None:
+    """Refuse a resumption that would train nothing."""
+    done = state.epoch
+    if not state.running.any():
         raise ConfigError(
-            f"--resume={config.resume!r} is not allowed: config.json does not parse ({error})"
-        ) from None
-    given = {
-        name: getattr(config, name)
-        for name in ("checkpoint_every", "eval_iw_samples")
-        if getattr(config, name) != getattr(Config(), name)
-    }
-    return configs.validate(dataclasses.replace(saved, epochs=config.epochs, **given))
+            f"--resume={str(run_dir)!r} is not allowed: it stopped early after epoch {done} (no "
+            f"better val_{config.monitor} for {config.patience} epochs); nothing to continue"
+        )
+    if config.epochs <= done:
+        if "epochs" in given:
+            raise ConfigError(
+                f"--epochs={config.epochs} is not allowed with --resume: the run has trained "
+                f"{done} epochs already; give more"
+            )
+        raise ConfigError(
+            f"--resume={str(run_dir)!r} is not allowed: the run finished its {done} epochs; "
+            f"give --epochs N (N > {done}) to train on"
+        )
 
 
-def run(config: Config) -> tuple[Path, Outcome]:
-    """The program: validate, load, train (or resume), then evaluate and write every artifact."""
+def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
+    """The program: validate, load, train (or resume), then evaluate and write every artifact.
+    `given`: the flags typed (for --resume, which accepts only a few)."""
     configs.validate(config)
     if config.eval_only:
         return reevaluate(config), Outcome("finished", "")
     resuming = config.resume is not None
-    run_dir = Path(config.resume) if resuming else resolve_run_dir(config)
-    config = resumed_config(config) if resuming else config
+    run_dir = Path(config.resume) if resuming else None
+    config = resumed_config(config, given) if resuming else config
     data = load_dataset(config)
     mesh = data_mesh(config)
     input_dim = data.train.images.shape[1]
+    seeds = replica_seeds(config)
     if config.validate_only:
         validate_only(config, data, mesh, run_dir)
         return run_dir, Outcome("finished", "")
+    replaced = None
     if resuming:
         state = load_state(run_dir, config, input_dim)
+        check_resumable(run_dir, config, state, given)
+        write_json(run_dir / "config.json", dataclasses.asdict(config))
         print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
     else:
-        prepare_run_dir(run_dir, config.overwrite)
         state = initial_state(config, input_dim)
-    write_json(run_dir / "config.json", dataclasses.asdict(config))
-    seeds = replica_seeds(config)
-    print(
-        f"run directory: {run_dir}" + (f" ({len(seeds)} seeds, vmapped)" if len(seeds) > 1 else "")
-    )
-    results, outcome = train(config, data, state, run_dir)
+        run_dir, replaced = claim_run_dir(config)
+        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
+            for directory, seed in zip(replica_dirs(run_dir, config), seeds, strict=True):
+                directory.mkdir()
+                write_json(
+                    directory / "config.json", dataclasses.asdict(replica_config(config, seed))
+                )
+    print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    try:
+        results, outcome = train(config, data, state, run_dir)
+    finally:
+        if replaced is not None:
+            settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
+    if outcome.status == "diverged":
+        outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
     if not results[0].history:  # stopped within the first epoch: nothing to evaluate
+        if replaced is not None:  # the previous run is back in run_dir
+            return run_dir, outcome
         write_json(
-            run_dir / "summary.json", {"status": outcome.status, "status_detail": outcome.detail}
+            run_dir / "summary.json",
+            {"status": outcome.status, "status_detail": outcome.detail, "kept": outcome.kept},
         )
         return run_dir, outcome
     summaries = []
-    for result, (_, _, figure_key, iw_key) in zip(results, replica_keys(seeds), strict=True):
-        seed_dir, seed_config = run_dir, config
-        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
-            seed_dir = run_dir / f"seed_{result.seed}"
-            seed_dir.mkdir(exist_ok=True)
-            seed_config = dataclasses.replace(
-                config, seed=result.seed, seeds=(), split_seed=split_seed(config)
-            )
-            write_json(seed_dir / "config.json", dataclasses.asdict(seed_config))
-        write_history(seed_dir / "history.csv", result.history)
-        save_checkpoint(seed_dir, result.model, seed_config, result.best_epoch)
+    for result, directory, (_, _, figure_key, iw_key) in zip(
+        results, replica_dirs(run_dir, config), replica_keys(seeds), strict=True
+    ):
+        replica_cfg = config if len(seeds) == 1 else replica_config(config, result.seed)
+        save_checkpoint(directory, result.model, replica_cfg, result.best_epoch)
         summaries.append(
-            evaluate_and_report(seed_dir, seed_config, data, result, outcome, iw_key, figure_key)
+            evaluate_and_report(directory, replica_cfg, data, result, outcome, iw_key, figure_key)
         )
     if len(seeds) > 1:
         write_seeds_report(run_dir, config, summaries)
     return run_dir, outcome
+
+
+def settle_overwrite(run_dir: Path, replaced: Path, trained: bool) -> None:
+    """--overwrite: delete the previous run once the new one has trained an epoch; otherwise put
+    the previous run back where it was."""
+    if trained:
+        shutil.rmtree(replaced)
+        return
+    shutil.rmtree(run_dir)
+    replaced.rename(run_dir)
+
+
+def kept_after_divergence(
+    state: TrainState, results: list[TrainResult], replaced: Path | None
+) -> str:
+    """What a diverged run's directory holds, in words (for stderr and summary.json)."""
+    if state.epoch == 0 and replaced is not None:
+        return "nothing finite to keep: the previous run is back in the run directory as it was"
+    if state.epoch == 0:
+        return "nothing finite to keep: the run directory holds config.json and summary.json"
+    best = ", ".join(str(result.best_epoch) for result in results)
+    return (
+        f"the run directory holds history.csv and train_state.ckpt of the {state.epoch} finite "
+        f"epoch(s) (--resume continues from epoch {state.epoch}), the best model checkpoint.eqx "
+        f"(epoch {best}) and its evaluation in summary.json and REPORT.md"
+    )
 
 
 def evaluate_and_report(
@@ -1419,6 +1642,11 @@ def evaluate_and_report(
         result.model, config, data, result.best_k_active, iw_key
     )
     summary = summary_of(config, data, result, evaluation_metrics, outcome)
+    summary["warnings"] = failure_warnings(
+        result, evaluation_metrics, responsibilities, data.test.labels
+    )
+    for warning in summary["warnings"]:
+        print(f"warning ({run_dir}): {warning}", file=sys.stderr)
     write_json(run_dir / "summary.json", summary)
     figures = plot_figures(
         run_dir / "figures", config, data, result, responsibilities, usage, figure_key
@@ -1434,6 +1662,33 @@ def evaluate_and_report(
     )
     print(f"report: {run_dir / 'REPORT.md'}")
     return summary
+
+
+def failure_warnings(result: TrainResult, metrics: dict, responsibilities, labels) -> list[str]:
+    """Signs of a failed run, one line each: with more than one open channel, (nearly) every
+    test image in one channel, or confident routing with a clustering accuracy near chance
+    (below 1.5 x the largest class's share); a validation -ELBO that never fell below its first
+    epoch's value."""
+    warnings = []
+    counts = np.bincount(responsibilities.argmax(-1), minlength=responsibilities.shape[-1])
+    if result.best_k_active > 1 and counts.max() >= 0.99 * counts.sum():
+        warnings.append(
+            f"collapsed: {counts.max()} of {counts.sum()} test images are routed to channel "
+            f"{counts.argmax()}"
+        )
+    chance = np.bincount(labels).max() / len(labels)
+    confidence, accuracy = metrics["responsibility_confidence"], metrics["cluster_accuracy"]
+    if result.best_k_active > 1 and confidence > 0.9 and accuracy < 1.5 * chance:
+        warnings.append(
+            f"confident routing (E[max r] = {confidence:.3f}) but cluster accuracy "
+            f"{accuracy:.3f}, near chance ({chance:.3f})"
+        )
+    val_neg_elbo = [row["val_neg_elbo"] for row in result.history]
+    if len(val_neg_elbo) > 1 and min(val_neg_elbo[1:]) >= val_neg_elbo[0]:
+        warnings.append(
+            f"the validation -ELBO never fell below its first epoch's {val_neg_elbo[0]:.2f}"
+        )
+    return warnings
 
 
 def seeds_summary(config: Config, summaries: list[dict]) -> dict:
@@ -1501,6 +1756,13 @@ def reevaluate(config: Config) -> Path:
     --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training. A
     --seeds run is re-evaluated seed by seed, then its mean +- std report is rewritten."""
     run_dir = Path(config.checkpoint)
+    evaluated = [*run_dir.glob("checkpoint.eqx"), *run_dir.glob("seed_*/checkpoint.eqx")]
+    if (run_dir / STATE_FILE).is_file() and not evaluated:
+        raise ConfigError(
+            f"--checkpoint={str(run_dir)!r} is not allowed: the run stopped before its evaluation "
+            f"({STATE_FILE} holds epoch {saved_epoch(run_dir)}); continue it with: python train.py "
+            f"--resume {run_dir}"
+        )
     try:
         saved = config_from_json(json.loads((run_dir / "config.json").read_text()))
     except (OSError, TypeError, ValueError):
@@ -1576,10 +1838,11 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    enable_compilation_cache()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        run_dir, outcome = run(config)
+        config = parse_config(argv)
+        enable_compilation_cache()
+        run_dir, outcome = run(config, given_flags(argv))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1588,18 +1851,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if outcome.status == "interrupted":
         print(
-            f"interrupted ({outcome.detail}); continue with: python train.py --resume {run_dir} "
-            f"--epochs {config.epochs}",
+            f"interrupted ({outcome.detail}); continue with: python train.py --resume {run_dir}",
             file=sys.stderr,
         )
         return 128 + outcome.signal
     if outcome.status == "diverged":
-        print(
-            f"error: diverged: {outcome.detail}; training stopped, the run directory holds the "
-            "last finite "
-            "epoch's history, checkpoint and report (status: diverged)",
-            file=sys.stderr,
-        )
+        print(f"error: diverged: {outcome.detail}; {outcome.kept}", file=sys.stderr)
         return 3
     return 0
 
