@@ -311,13 +311,14 @@ def test_model_trains_on_a_tiny_batch(conditioning, decoder):
     opt_state = mixvae.init_optimizer(optimizer, model)
     sched = all_active()
     key = jax.random.key(0)
-    first, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
+    loss_fn = eqx.filter_jit(mixvae.loss_fn)
+    first, _ = loss_fn(model, TINY_BATCH, None, sched, objective)
     for step in range(50):
         model, opt_state, metrics = mixvae.train_step(
             model, opt_state, TINY_BATCH, jax.random.fold_in(key, step), sched, objective, optimizer
         )
         assert np.isfinite(metrics["loss"])
-    last, _ = mixvae.loss_fn(model, TINY_BATCH, None, sched, objective)
+    last, _ = loss_fn(model, TINY_BATCH, None, sched, objective)
     assert float(last) < 0.8 * float(first)
 
 
@@ -375,20 +376,23 @@ def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
     objective = mixvae.Objective(router="gumbel", top_m=2, top_m_capacity=4.0)
     sched = all_active(4)
     key = jax.random.key(5)
-    terms = mixvae.forward(model, TINY_BATCH, key, sched, objective)
+    forward = eqx.filter_jit(mixvae.forward)
+    terms = forward(model, TINY_BATCH, key, sched, objective)
     assert np.all(np.sum(np.asarray(terms.decoded), axis=1) == 2)
     np.testing.assert_allclose(np.sum(terms.weights, axis=1), 1.0, rtol=1e-6)
     assert np.all(np.asarray(terms.weights)[~np.asarray(terms.decoded)] == 0)
     # One image alone: exactly its two decoders receive a reconstruction gradient.
     one = TINY_BATCH[:1]
-    used = np.flatnonzero(mixvae.forward(model, one, key, sched, objective).decoded[0])
-    grads = eqx.filter_grad(lambda m: mixvae.loss_fn(m, one, key, sched, objective)[0])(model)
+    used = np.flatnonzero(forward(model, one, key, sched, objective).decoded[0])
+    grads = eqx.filter_jit(
+        eqx.filter_grad(lambda m: mixvae.loss_fn(m, one, key, sched, objective)[0])
+    )(model)
     last = np.abs(np.asarray(grads.decoders.network.layers[-1].weight)).sum(
         axis=(1, 2)
     )  # per channel
     assert len(used) == 2 and np.all(last[used] > 0) and np.all(np.delete(last, used) == 0)
     # Evaluation (no key) decodes every channel whatever top_m is.
-    assert np.all(mixvae.forward(model, TINY_BATCH, None, sched, objective).decoded)
+    assert np.all(forward(model, TINY_BATCH, None, sched, objective).decoded)
 
 
 def test_train_step_and_epoch_compile_once_across_schedule_values():

@@ -1476,12 +1476,17 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 
 
 def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | None) -> None:
-    model = build_model(config, data.train.images.shape[1], jax.random.key(config.seed))
-    x = jax.ShapeDtypeStruct((config.batch_size, data.train.images.shape[1]), jnp.float32)
-    loss, _ = eqx.filter_eval_shape(
-        mixvae.loss_fn, model, x, jax.random.key(0), schedule(config, 0), build_objective(config)
-    )
-    params = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+    """Build the model and trace the loss on one batch, abstractly (shapes only: nothing runs)."""
+    input_dim = data.train.images.shape[1]
+
+    def trace(key):
+        model = build_model(config, input_dim, key)
+        x = jnp.zeros((config.batch_size, input_dim), jnp.float32)
+        loss, _ = mixvae.loss_fn(model, x, key, schedule(config, 0), build_objective(config))
+        return eqx.filter(model, eqx.is_inexact_array), loss
+
+    params, loss = jax.eval_shape(trace, jax.random.key(config.seed))
+    params = sum(leaf.size for leaf in jax.tree.leaves(params))
     print(
         f"config ok: {data.name}, {len(data.train.images)} training images, "
         f"K={config.num_components}, "
