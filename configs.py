@@ -1,11 +1,24 @@
 """Run configuration: one flat dataclass (tyro turns each field's docstring into `--help`),
-its validation, and the named presets.  Standard library only."""
+its validation, and the named presets. The model's and the objective's defaults come from
+mixvae.py, their one source."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Literal
+
+import mixvae
+
+# The model's and the objective's defaults have one source, mixvae.py: whoever calls
+# mixvae.MixVAE(key, input_dim=...) and mixvae.Objective() directly trains what train.py trains.
+MODEL = {
+    name: parameter.default
+    for name, parameter in inspect.signature(mixvae.MixVAE).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+OBJECTIVE = mixvae.Objective()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,25 +83,25 @@ class Config:
     """Fraction of the training images held out for validation, in (0, 1)."""
 
     # --- model -----------------------------------------------------------------------
-    num_components: int = 10
+    num_components: int = MODEL["num_components"]
     """K, the number of channels (mixture components)."""
-    latent_dim: int = 4
+    latent_dim: int = MODEL["latent_dim"]
     """D, the size of each channel's latent z_k."""
-    latent_layout: Literal["decentralized", "shared"] = "decentralized"
+    latent_layout: Literal["decentralized", "shared"] = MODEL["latent_layout"]
     """decentralized: one posterior q(z_k|x) per channel; shared: one q(z|x) for all channels."""
-    encoder: Literal["mlp", "conv"] = "mlp"
+    encoder: Literal["mlp", "conv"] = MODEL["encoder"]
     """Encoder trunk."""
-    decoder: Literal["mlp", "conv"] = "mlp"
+    decoder: Literal["mlp", "conv"] = MODEL["decoder"]
     """Decoder network (conv: transposed convolutions)."""
-    decoder_conditioning: Literal["concat", "film", "separate"] = "separate"
+    decoder_conditioning: Literal["concat", "film", "separate"] = MODEL["conditioning"]
     """How a decoder knows its channel: concat or film a learned embedding into one shared
     decoder, or separate decoders (K weight sets, vmapped)."""
-    hidden_dim: int = 128
+    hidden_dim: int = MODEL["width"]
     """Width of the MLP layers."""
-    logit_init_scale: float = 10.0
+    logit_init_scale: float = MODEL["logit_init_scale"]
     """Multiplier of the channel-logit head's initial weights (> 0): large enough that the first
     routing already depends on the input, so the channels specialise instead of collapsing."""
-    likelihood: Literal["bernoulli", "gaussian", "heteroscedastic"] = "bernoulli"
+    likelihood: Literal["bernoulli", "gaussian", "heteroscedastic"] = MODEL["likelihood"]
     """p(x | x_hat): bernoulli (logits), gaussian (fixed sigma 0.1), heteroscedastic (one
     sigma per image, in [0.05, 1])."""
 
@@ -96,7 +109,7 @@ class Config:
     """Importance samples S of the test -log p(x) estimate (iw_nll in summary.json; 0: skip)."""
 
     # --- routing ---------------------------------------------------------------------
-    router: Literal["softmax", "gumbel", "straight_through"] = "straight_through"
+    router: Literal["softmax", "gumbel", "straight_through"] = OBJECTIVE.router
     """How channel weights s are drawn from the logits: s = softmax(y), a Gumbel-softmax sample,
     or its straight-through one-hot."""
     gumbel_temperature: float = 1.0
@@ -107,46 +120,46 @@ class Config:
     """Epochs of exponential temperature decay from the initial to the final value (0: none)."""
 
     # --- objective -------------------------------------------------------------------
-    c_regularizer: Literal["categorical", "logit_mog", "both"] = "logit_mog"
+    c_regularizer: Literal["categorical", "logit_mog", "both"] = OBJECTIVE.c_regularizer
     """Regulariser of q(c|x): the categorical KL(r || pi), the logit-MoG prior, or both."""
-    kl_c_weight: float = 1.0
+    kl_c_weight: float = OBJECTIVE.kl_c_weight
     """w_cat, weight of KL(r || pi) (categorical and both)."""
     kl_c_anneal_epochs: int = 10
     """Epochs of linear warm-up a(e) = min(1, (e+1)/N) shared by both c-terms (0: none)."""
-    prior_mean: float = 7.0
+    prior_mean: float = OBJECTIVE.prior_mean
     """M, the logit-MoG component means M e_k; peakiness grows with M / sigma."""
-    prior_sigma: float = 0.7
+    prior_sigma: float = OBJECTIVE.prior_sigma
     """sigma, the logit-MoG component standard deviation (> 0)."""
-    prior_weight: float = 1.0
+    prior_weight: float = OBJECTIVE.prior_weight
     """lambda, weight of the logit-MoG penalty -log p_mix(y(x)) (logit_mog and both)."""
-    beta_z: float = 1.0
+    beta_z: float = OBJECTIVE.beta_z
     """beta_z, weight of KL(q(z|x) || N(0, I))."""
-    learnable_pi: bool = False
+    learnable_pi: bool = MODEL["learnable_pi"]
     """Learn the mixture weights pi; off: pi is fixed uniform."""
-    dirichlet_alpha: float | None = None
+    dirichlet_alpha: float | None = OBJECTIVE.dirichlet_alpha
     """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
-    dirichlet_weight: float = 1.0
+    dirichlet_weight: float = OBJECTIVE.dirichlet_weight
     """w_dir, weight of the Dirichlet MAP penalty."""
-    diversity_weight: float = -50.0
+    diversity_weight: float = OBJECTIVE.diversity_weight
     """w_div, weight of the usage entropy H(E_batch r); negative rewards diverse usage. Without
     it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
     bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
 
-    consistency_weight: float = 0.0
+    consistency_weight: float = OBJECTIVE.consistency_weight
     """w_cons, weight of the routing-consistency term: the symmetric KL between r(x) and the
     routing of a randomly warped copy of x (training only; 0: off). It asks the channel to be
     invariant to slant, size and position, so that channels split by class, not by style."""
-    augment_strength: float = 1.0
+    augment_strength: float = OBJECTIVE.augment_strength
     """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
     shift 2 pixels."""
 
     # --- speed -----------------------------------------------------------------------
-    top_m: int | None = None
+    top_m: int | None = OBJECTIVE.top_m
     """Training decodes only each image's M channels with the largest routing scores, their weights
     s renormalised over them (1 <= M <= K; M = K is exact; unset: every channel). An approximation:
     the other channels' decoders get no reconstruction gradient from that image, and the router's
     gradient sees only the M decoded losses. Validation, test and figures decode every channel."""
-    top_m_capacity: float = 2.0
+    top_m_capacity: float = OBJECTIVE.top_m_capacity
     """With --top-m and separate decoders: each channel decodes at most
     min(B, ceil(capacity x B M / K)) images of a batch (>= 1); images past it are dropped from that
     channel for the step (the mixture-of-experts capacity factor)."""

@@ -419,14 +419,14 @@ class MixVAE(eqx.Module):
         key,
         *,
         input_dim,
-        num_components,
-        latent_dim,
+        num_components=10,
+        latent_dim=4,
         latent_layout="decentralized",
         encoder="mlp",
         decoder="mlp",
-        conditioning="concat",
+        conditioning="separate",
         likelihood="bernoulli",
-        width=256,
+        width=128,
         embed_dim=16,
         logit_init_scale=10.0,
         learnable_pi=False,
@@ -638,11 +638,11 @@ class Objective:
     kl_c_weight: float = 1.0  # w_cat
     prior_weight: float = 1.0  # lambda
     prior_mean: float = 7.0  # M
-    prior_sigma: float = 1.0  # sigma
+    prior_sigma: float = 0.7  # sigma
     beta_z: float = 1.0
     dirichlet_alpha: float | None = None  # None: no Dirichlet MAP term
     dirichlet_weight: float = 1.0
-    diversity_weight: float = 0.0  # < 0 rewards diverse usage
+    diversity_weight: float = -50.0  # < 0 rewards diverse usage
     router: str = "straight_through"
     consistency_weight: float = 0.0  # w_cons; 0: no augmented view is encoded
     augment_strength: float = 1.0

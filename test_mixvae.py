@@ -425,21 +425,31 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
     model = tiny_model()
     sched = all_active(kl_c_scale=0.25)
     _, cat = mixvae.loss_fn(
-        model, TINY_BATCH, None, sched, mixvae.Objective(c_regularizer="categorical")
+        model,
+        TINY_BATCH,
+        None,
+        sched,
+        mixvae.Objective(c_regularizer="categorical", diversity_weight=0.0),
     )
     _, mog = mixvae.loss_fn(
         model,
         TINY_BATCH,
         None,
         sched,
-        mixvae.Objective(c_regularizer="logit_mog", prior_weight=2.0),
+        mixvae.Objective(c_regularizer="logit_mog", prior_weight=2.0, prior_sigma=1.0),
     )
     _, both = mixvae.loss_fn(
         model,
         TINY_BATCH,
         None,
         sched,
-        mixvae.Objective(c_regularizer="both", kl_c_weight=3.0, prior_weight=2.0),
+        mixvae.Objective(
+            c_regularizer="both",
+            kl_c_weight=3.0,
+            prior_weight=2.0,
+            prior_sigma=1.0,
+            diversity_weight=0.0,
+        ),
     )
     assert float(cat["kl_c_logit_mog"]) == 0.0
     terms = mixvae.forward(
@@ -469,7 +479,7 @@ def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(
         np.asarray(terms.responsibilities)[:, 1] == 0
     )
-    _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective())
+    _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective(prior_sigma=1.0))
     two_channel = np.sum(
         np.asarray(terms.weights)[:, [0, 2]] * np.asarray(terms.nll)[:, [0, 2]], -1
     ).mean()
@@ -519,6 +529,15 @@ def run_cli(*args, timeout=180):
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def test_mixvae_defaults_are_what_train_py_trains():
+    """One source of defaults: mixvae.py's own API, called with nothing but the data's size,
+    builds the model and objective of `python train.py` (same structure, weights and fields)."""
+    config = configs.Config()
+    assert train.build_objective(config) == mixvae.Objective()
+    built = train.build_model(config, 64, jax.random.key(0))
+    assert bool(eqx.tree_equal(built, mixvae.MixVAE(jax.random.key(0), input_dim=64)))
 
 
 def test_usage_line_parses_to_the_expected_config():
