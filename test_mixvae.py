@@ -675,6 +675,11 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         2,
     )
     assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
+    phases = ["imports", "data", "initialisation", "training", "compile", "test_evaluation"]
+    assert set(phases + ["figures"]) <= set(summary["timing_sec"])
+    assert all(seconds >= 0 for seconds in summary["timing_sec"].values())
+    assert summary["timing_sec"]["compile"] <= summary["timing_sec"]["training"]
+    assert "| test_evaluation |" in (out / "REPORT.md").read_text()
     for name in [
         "cluster_accuracy",
         "nmi",

@@ -10,6 +10,10 @@ train_state.ckpt for --resume).
 
 from __future__ import annotations
 
+import time
+
+IMPORTS_START = time.perf_counter()  # the imports below (JAX, matplotlib, ...) are timed
+
 import argparse
 import contextlib
 import csv
@@ -27,7 +31,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -53,6 +56,7 @@ import mixvae
 from configs import Config, ConfigError
 
 matplotlib.use("Agg")  # figures are files; never open a window
+IMPORTS_SEC = time.perf_counter() - IMPORTS_START
 
 # --------------------------------------------------------------------------------------
 # Command line
@@ -962,7 +966,7 @@ def iw_nll(model, config: Config, images, k_active: int, key) -> float:
     return float(-jnp.mean(log_likelihood))
 
 
-def evaluation(model, config: Config, data: Dataset, k_active: int, key):
+def evaluation(model, config: Config, data: Dataset, k_active: int):
     """Test-split metrics (ELBO terms, routing statistics, clustering scores) and the test
     responsibilities and usage, for the figures."""
     metrics, responsibilities = evaluate_split(model, config, data.test.images, k_active)
@@ -972,9 +976,6 @@ def evaluation(model, config: Config, data: Dataset, k_active: int, key):
         channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels
     )
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
-    if config.eval_iw_samples:
-        result["iw_nll"] = iw_nll(model, config, data.test.images, k_active, key)
-        result["iw_samples"] = config.eval_iw_samples
     return result, responsibilities, np.asarray(metrics["usage"])
 
 
@@ -1465,6 +1466,10 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
             f"at the end; the best model (evaluated above) had {c['best_model_k_active']} open. "
             "See `curriculum.png`: unlocks dashed, kick windows shaded, closed channels grey.",
         ]
+    if "timing_sec" in summary:
+        lines += ["", "## Where the time went (seconds, this process)", "", "| phase | s |"]
+        lines += ["|---|---|", *(f"| {k} | {v:.2f} |" for k, v in summary["timing_sec"].items())]
+        lines += ["", "`compile` is part of `training` (its first epoch minus a steady one)."]
     lines += ["", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{name}](figures/{name})\n" for name, caption in figures.items()]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
@@ -1554,8 +1559,11 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     resuming = config.resume is not None
     run_dir = Path(config.resume) if resuming else None
     config = resumed_config(config, given) if resuming else config
-    data = load_dataset(config)
-    mesh = data_mesh(config)
+    timings = {"imports": IMPORTS_SEC}
+    with timed(timings, "data"):
+        data = load_dataset(config)
+    with timed(timings, "backend"):
+        mesh = data_mesh(config)
     input_dim = data.train.images.shape[1]
     seeds = replica_seeds(config)
     if config.validate_only:
@@ -1563,12 +1571,14 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         return run_dir, Outcome("finished", "")
     replaced = None
     if resuming:
-        state = load_state(run_dir, config, input_dim)
+        with timed(timings, "initialisation"):
+            state = load_state(run_dir, config, input_dim)
         check_resumable(run_dir, config, state, given)
         write_json(run_dir / "config.json", dataclasses.asdict(config))
         print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
     else:
-        state = initial_state(config, input_dim)
+        with timed(timings, "initialisation"):
+            state = initial_state(config, input_dim)
         run_dir, replaced = claim_run_dir(config)
         if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
             for directory, seed in zip(replica_dirs(run_dir, config), seeds, strict=True):
@@ -1578,7 +1588,9 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
                 )
     print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
     try:
-        results, outcome = train(config, data, state, run_dir)
+        with timed(timings, "training"):
+            results, outcome = train(config, data, state, run_dir)
+        timings["compile"] = results[0].compile_time  # included in training
     finally:
         if replaced is not None:
             settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
@@ -1599,7 +1611,9 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         replica_cfg = config if len(seeds) == 1 else replica_config(config, result.seed)
         save_checkpoint(directory, result.model, replica_cfg, result.best_epoch)
         summaries.append(
-            evaluate_and_report(directory, replica_cfg, data, result, outcome, iw_key, figure_key)
+            evaluate_and_report(
+                directory, replica_cfg, data, result, outcome, iw_key, figure_key, timings
+            )
         )
     if len(seeds) > 1:
         write_seeds_report(run_dir, config, summaries)
@@ -1632,6 +1646,16 @@ def kept_after_divergence(
     )
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float], phase: str):
+    """Add the block's wall time to timings[phase], in seconds."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
 def evaluate_and_report(
     run_dir: Path,
     config: Config,
@@ -1640,23 +1664,36 @@ def evaluate_and_report(
     outcome: Outcome,
     iw_key,
     figure_key,
+    timings: dict[str, float],
 ):
-    """Test evaluation of the best model, then summary.json, the figures and REPORT.md; returns
-    the summary."""
-    evaluation_metrics, responsibilities, usage = evaluation(
-        result.model, config, data, result.best_k_active, iw_key
-    )
+    """Test evaluation of the best model, then the figures, summary.json and REPORT.md; returns
+    the summary. `timings`: the seconds of the phases before (imports, data, ...), to which
+    this adds its own."""
+    timings = dict(timings)
+    with timed(timings, "test_evaluation"):
+        evaluation_metrics, responsibilities, usage = evaluation(
+            result.model, config, data, result.best_k_active
+        )
+    if config.eval_iw_samples:
+        with timed(timings, "iw_nll"):
+            evaluation_metrics["iw_nll"] = iw_nll(
+                result.model, config, data.test.images, result.best_k_active, iw_key
+            )
+        evaluation_metrics["iw_samples"] = config.eval_iw_samples
     summary = summary_of(config, data, result, evaluation_metrics, outcome)
     summary["warnings"] = failure_warnings(
         result, evaluation_metrics, responsibilities, data.test.labels
     )
     for warning in summary["warnings"]:
         print(f"warning ({run_dir}): {warning}", file=sys.stderr)
-    write_json(run_dir / "summary.json", summary)
-    figures = plot_figures(
-        run_dir / "figures", config, data, result, responsibilities, usage, figure_key
-    )
-    write_report(run_dir, config, summary, figures)
+    with timed(timings, "figures"):
+        figures = plot_figures(
+            run_dir / "figures", config, data, result, responsibilities, usage, figure_key
+        )
+    summary["timing_sec"] = {phase: round(seconds, 3) for phase, seconds in timings.items()}
+    with timed(timings, "report"):
+        write_report(run_dir, config, summary, figures)
+        write_json(run_dir / "summary.json", summary)
     print(
         f"test (seed {config.seed}): "
         + "  ".join(
@@ -1829,7 +1866,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
         curriculum,
     )
     outcome = Outcome(summary.get("status", "finished"), summary.get("status_detail", ""))
-    return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key)
+    return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key, {})
 
 
 def enable_compilation_cache() -> None:
