@@ -63,6 +63,11 @@ class Config:
     """Train one replica per seed in one process, vmapped (one compiled step for all), e.g.
     --seeds 0 1 2 3 4; every replica uses the data split of --split-seed (default --seed).
     Unset: --seed alone."""
+    restarts: int = 1
+    """Candidates per seed: train N (their own initialisations, batch orders and noise; the
+    first is the plain run of the seed) and keep the one with the lowest validation -ELBO at its
+    best epoch, as k-means keeps the best of its n_init starts. No label is used. Costs N x the
+    training; every candidate's history stays in restart_<j>/."""
     split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
     devices: int | None = None
@@ -299,6 +304,8 @@ def validate(config: Config) -> Config:
             "a single seed with --curriculum (its unlocks are per run)",
         ),
         ("devices", c.devices is None or c.devices >= 1, "an integer >= 1 (or unset)"),
+        ("restarts", c.restarts >= 1, "an integer >= 1"),
+        ("restarts", c.restarts == 1 or not c.curriculum, "1 with --curriculum"),
         (
             "devices",
             c.devices is None or c.batch_size % c.devices == 0,

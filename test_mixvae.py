@@ -1117,6 +1117,41 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
     )
 
 
+def test_restarts_keep_per_seed_the_candidate_with_the_lowest_val_neg_elbo(tmp_path):
+    def result(seed, scores, best_epoch):
+        history = [{"val_neg_elbo": score} for score in scores]
+        return train.TrainResult(seed, None, history, best_epoch, 4, 0.0, 0.0, None)
+
+    results = [
+        result(0, [5, 3, 4], 2),
+        result(0, [4, 3.5], 1),
+        result(7, [9, 2], 2),
+        result(7, [1], 1),
+    ]
+    chosen = train.choose_restarts(results, 2)
+    assert [(c.seed, c.restart, c.restart_scores) for c in chosen] == [
+        (0, 0, (3, 4)),
+        (7, 1, (2, 1)),
+    ]
+    # restart 0 of a seed is the plain run of that seed: same keys, same batch order
+    plain = jax.random.split(jax.random.key(3), 4)
+    keys = train.replica_keys([(3, 0), (3, 1)])
+    assert np.array_equal(jax.random.key_data(keys[0]), jax.random.key_data(plain))
+    assert not np.array_equal(jax.random.key_data(keys[1]), jax.random.key_data(plain))
+    assert (
+        train.shuffler(3, 0).permutation(10).tolist()
+        == np.random.default_rng(3).permutation(10).tolist()
+    )
+    out = tmp_path / "run"
+    assert train.main(["--out-dir", str(out), "--restarts", "2", "--epochs", "2", *SMALL_RUN]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scores = summary["restarts"]["val_neg_elbo"]
+    assert len(scores) == 2 and summary["restarts"]["chosen"] == int(np.argmin(scores))
+    candidates = [read_history(out / f"restart_{j}") for j in (0, 1)]
+    assert read_history(out) == candidates[summary["restarts"]["chosen"]]
+    assert [row["restart"] for row in candidates[1]] == ["1", "1"]
+
+
 @pytest.mark.parametrize(
     "changes,flag",
     [

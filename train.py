@@ -299,13 +299,30 @@ def load_dataset(config: Config) -> Dataset:
 
 
 def replica_seeds(config: Config) -> tuple[int, ...]:
-    """The seeds trained side by side: --seeds, else --seed alone."""
+    """The seeds: --seeds, else --seed alone."""
     return config.seeds or (config.seed,)
 
 
-def replica_keys(seeds) -> jax.Array:
-    """Per seed s: key(s) split into (init, train, figures, importance sampling) keys -> [R, 4]."""
-    return jax.vmap(lambda seed: jax.random.split(jax.random.key(seed), 4))(jnp.asarray(seeds))
+def replicas(config: Config) -> list[tuple[int, int]]:
+    """The (seed, restart) pairs trained side by side: --restarts candidates per seed."""
+    return [(seed, j) for seed in replica_seeds(config) for j in range(config.restarts)]
+
+
+def replica_keys(pairs) -> jax.Array:
+    """Per (seed s, restart j): key(s), folded with j when j > 0, split into (init, train,
+    figures, importance sampling) keys -> [R, 4]. Restart 0 is the plain run of seed s."""
+
+    def keys(seed, restart):
+        key = jax.random.key(seed)
+        return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
+
+    seeds, restarts = np.array([(seed, j) for seed, j in pairs]).reshape(-1, 2).T
+    return jax.vmap(keys)(jnp.asarray(seeds), jnp.asarray(restarts))
+
+
+def shuffler(seed: int, restart: int) -> np.random.Generator:
+    """The generator of a replica's batch order; restart 0's is the plain run's."""
+    return np.random.default_rng(seed if restart == 0 else [seed, restart])
 
 
 def build_replicas(config: Config, input_dim: int, init_keys):
@@ -528,7 +545,8 @@ summarize_replicas = jax.jit(jax.vmap(mixvae.summarize))  # epoch metrics of eve
 
 
 class TrainResult(NamedTuple):
-    """One replica's outcome: its best model and its history."""
+    """One replica's outcome: its best model and its history (with --restarts, the chosen
+    candidate's, and every candidate's validation -ELBO at its best epoch)."""
 
     seed: int
     model: object
@@ -538,6 +556,21 @@ class TrainResult(NamedTuple):
     training_time: float
     compile_time: float
     curriculum: Curriculum | None
+    restart: int = 0
+    restart_scores: tuple[float, ...] = ()
+
+
+def choose_restarts(results: list[TrainResult], restarts: int) -> list[TrainResult]:
+    """Per seed, of its `restarts` candidates (consecutive in `results`), the one with the
+    lowest validation -ELBO at its best epoch: an unsupervised choice, as k-means keeps the best
+    of its n_init starts by inertia."""
+    chosen = []
+    for first in range(0, len(results), restarts):
+        candidates = results[first : first + restarts]
+        scores = tuple(c.history[c.best_epoch - 1]["val_neg_elbo"] for c in candidates)
+        best = int(np.argmin(scores))
+        chosen.append(candidates[best]._replace(restart=best, restart_scores=scores))
+    return chosen
 
 
 @dataclasses.dataclass
@@ -562,27 +595,28 @@ class TrainState:
 
 
 def initial_state(config: Config, input_dim: int) -> TrainState:
-    """Fresh replicas, one per seed: models from each seed's init key, training keys, shufflers."""
-    seeds = replica_seeds(config)
-    keys = replica_keys(seeds)  # [R, 4]: init, train, figures, importance sampling
+    """Fresh replicas, one per (seed, restart): models from their init keys, training keys,
+    shufflers."""
+    pairs = replicas(config)
+    keys = replica_keys(pairs)  # [R, 4]: init, train, figures, importance sampling
     models = build_replicas(config, input_dim, keys[:, 0])
     optimizer = mixvae.make_optimizer(config.learning_rate)
     opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
-    count = len(seeds)
+    count = len(pairs)
     return TrainState(
         0,
         models,
         opt_states,
         keys[:, 1],
         models,
-        [np.random.default_rng(seed) for seed in seeds],
+        [shuffler(seed, restart) for seed, restart in pairs],
         np.full(count, np.inf),
         np.full(count, -1),
         np.zeros(count, int),
         np.ones(count, bool),
         config.num_components,
         Curriculum.from_config(config),
-        [[] for _ in seeds],
+        [[] for _ in pairs],
     )
 
 
@@ -761,7 +795,8 @@ def train(
     --checkpoint-every epochs and, when training stops (end, early stop, signal, or a metric
     that became non-finite: then the last finite epoch), after the last epoch; the history's
     train_state_saved column marks the epochs the state was saved after."""
-    seeds = replica_seeds(config)
+    pairs = replicas(config)
+    seeds = [seed for seed, _ in pairs]
     history_paths = [directory / "history.csv" for directory in replica_dirs(run_dir, config)]
     for path in history_paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -847,6 +882,7 @@ def train(
                 new_rows[r] = {
                     "epoch": epoch + 1,
                     "seed": seeds[r],
+                    **({"restart": pairs[r][1]} if config.restarts > 1 else {}),
                     **train_metrics[r],
                     "grad_norm": float(epoch_metrics["grad_norm"][r]),
                     **{f"val_{k}": v for k, v in val_metrics[r].items()},
@@ -881,14 +917,14 @@ def train(
                 f"val_loss {mean('loss', val_metrics):9.3f}  "
                 f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
                 f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
-                + (f"  (mean of {ran.sum()} seeds)" if len(seeds) > 1 else "")
+                + (f"  (mean of {ran.sum()} replicas)" if len(seeds) > 1 else "")
                 + (f"  k_active {k_active}" if state.curriculum else "")
                 + ("  -> unlock" if unlocked else "")
             )
             for r in stopping:
                 tqdm.write(
-                    f"early stop{f' (seed {seeds[r]})' if len(seeds) > 1 else ''}: no better "
-                    f"val_{config.monitor} for {config.patience} epochs"
+                    f"early stop{f' (seed, restart {pairs[r]})' if len(seeds) > 1 else ''}: no "
+                    f"better val_{config.monitor} for {config.patience} epochs"
                 )
             bar.update()
             if stop.signal is not None:
@@ -1128,10 +1164,18 @@ def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
     return run_dir, replaced
 
 
-def replica_dirs(run_dir: Path, config: Config) -> list[Path]:
-    """Where each replica's files go: the run directory, or seed_<s>/ per seed with --seeds."""
+def seed_dirs(run_dir: Path, config: Config) -> list[Path]:
+    """Where each seed's files go: the run directory, or seed_<s>/ per seed with --seeds."""
     seeds = replica_seeds(config)
     return [run_dir] if len(seeds) == 1 else [run_dir / f"seed_{seed}" for seed in seeds]
+
+
+def replica_dirs(run_dir: Path, config: Config) -> list[Path]:
+    """Where each replica's history goes while it trains: its seed's directory, or with
+    --restarts N, restart_<j>/ inside it."""
+    if config.restarts == 1:
+        return seed_dirs(run_dir, config)
+    return [d / f"restart_{j}" for d in seed_dirs(run_dir, config) for j in range(config.restarts)]
 
 
 def replica_config(config: Config, seed: int) -> Config:
@@ -1153,6 +1197,11 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
         "status": outcome.status,
         **({"status_detail": outcome.detail} if outcome.detail else {}),
         **({"kept": outcome.kept} if outcome.kept else {}),
+        **(
+            {"restarts": {"chosen": result.restart, "val_neg_elbo": list(result.restart_scores)}}
+            if result.restart_scores
+            else {}
+        ),
         "training": {
             **training,
             "best_epoch": result.best_epoch,
@@ -1581,7 +1630,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             state = initial_state(config, input_dim)
         run_dir, replaced = claim_run_dir(config)
         if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
-            for directory, seed in zip(replica_dirs(run_dir, config), seeds, strict=True):
+            for directory, seed in zip(seed_dirs(run_dir, config), seeds, strict=True):
                 directory.mkdir()
                 write_json(
                     directory / "config.json", dataclasses.asdict(replica_config(config, seed))
@@ -1596,6 +1645,10 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
     if outcome.status == "diverged":
         outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
+    if config.restarts > 1 and results[0].history:
+        results = choose_restarts(results, config.restarts)
+        for result, directory in zip(results, seed_dirs(run_dir, config), strict=True):
+            write_history(directory / "history.csv", result.history)
     if not results[0].history:  # stopped within the first epoch: nothing to evaluate
         if replaced is not None:  # the previous run is back in run_dir
             return run_dir, outcome
@@ -1605,8 +1658,9 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         )
         return run_dir, outcome
     summaries = []
+    seed_keys = replica_keys([(seed, 0) for seed in seeds])
     for result, directory, (_, _, figure_key, iw_key) in zip(
-        results, replica_dirs(run_dir, config), replica_keys(seeds), strict=True
+        results, seed_dirs(run_dir, config), seed_keys, strict=True
     ):
         replica_cfg = config if len(seeds) == 1 else replica_config(config, result.seed)
         save_checkpoint(directory, result.model, replica_cfg, result.best_epoch)
@@ -1840,7 +1894,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
             f"--checkpoint={str(run_dir)!r} is not allowed: its files do not parse ({error})"
         ) from None
     data = load_dataset(saved)
-    _, _, figure_key, iw_key = replica_keys((saved.seed,))[0]
+    _, _, figure_key, iw_key = replica_keys([(saved.seed, 0)])[0]
     skeleton = build_model(saved, data.train.images.shape[1], jax.random.key(0))
     try:
         model = eqx.tree_deserialise_leaves(run_dir / "checkpoint.eqx", skeleton)
