@@ -65,9 +65,10 @@ class Config:
     Unset: --seed alone."""
     restarts: int = 1
     """Candidates per seed: train N (their own initialisations, batch orders and noise; the
-    first is the plain run of the seed) and keep the one with the lowest validation -ELBO at its
-    best epoch, as k-means keeps the best of its n_init starts. No label is used. Costs N x the
-    training; every candidate's history stays in restart_<j>/."""
+    first is the plain run of the seed) and keep the one with the best validation --monitor
+    value at its best epoch (the objective, by default), as k-means keeps the best of its n_init
+    starts by its objective. No label is used. Costs N x the training; every candidate's
+    history stays in restart_<j>/."""
     split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
     devices: int | None = None

@@ -1117,9 +1117,9 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
     )
 
 
-def test_restarts_keep_per_seed_the_candidate_with_the_lowest_val_neg_elbo(tmp_path):
+def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_path):
     def result(seed, scores, best_epoch):
-        history = [{"val_neg_elbo": score} for score in scores]
+        history = [{"val_loss": score} for score in scores]
         return train.TrainResult(seed, None, history, best_epoch, 4, 0.0, 0.0, None)
 
     results = [
@@ -1128,7 +1128,7 @@ def test_restarts_keep_per_seed_the_candidate_with_the_lowest_val_neg_elbo(tmp_p
         result(7, [9, 2], 2),
         result(7, [1], 1),
     ]
-    chosen = train.choose_restarts(results, 2)
+    chosen = train.choose_restarts(results, 2, "loss")
     assert [(c.seed, c.restart, c.restart_scores) for c in chosen] == [
         (0, 0, (3, 4)),
         (7, 1, (2, 1)),
@@ -1145,7 +1145,7 @@ def test_restarts_keep_per_seed_the_candidate_with_the_lowest_val_neg_elbo(tmp_p
     out = tmp_path / "run"
     assert train.main(["--out-dir", str(out), "--restarts", "2", "--epochs", "2", *SMALL_RUN]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    scores = summary["restarts"]["val_neg_elbo"]
+    scores = summary["restarts"]["val_loss"]
     assert len(scores) == 2 and summary["restarts"]["chosen"] == int(np.argmin(scores))
     candidates = [read_history(out / f"restart_{j}") for j in (0, 1)]
     assert read_history(out) == candidates[summary["restarts"]["chosen"]]

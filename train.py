@@ -546,7 +546,7 @@ summarize_replicas = jax.jit(jax.vmap(mixvae.summarize))  # epoch metrics of eve
 
 class TrainResult(NamedTuple):
     """One replica's outcome: its best model and its history (with --restarts, the chosen
-    candidate's, and every candidate's validation -ELBO at its best epoch)."""
+    candidate's, and every candidate's monitored validation value at its best epoch)."""
 
     seed: int
     model: object
@@ -560,14 +560,15 @@ class TrainResult(NamedTuple):
     restart_scores: tuple[float, ...] = ()
 
 
-def choose_restarts(results: list[TrainResult], restarts: int) -> list[TrainResult]:
+def choose_restarts(results: list[TrainResult], restarts: int, monitor: str) -> list[TrainResult]:
     """Per seed, of its `restarts` candidates (consecutive in `results`), the one with the
-    lowest validation -ELBO at its best epoch: an unsupervised choice, as k-means keeps the best
-    of its n_init starts by inertia."""
+    lowest monitored validation value at its best epoch, the criterion that already picks each
+    run's best epoch: an unsupervised choice, as k-means keeps the best of its n_init starts by
+    its own objective."""
     chosen = []
     for first in range(0, len(results), restarts):
         candidates = results[first : first + restarts]
-        scores = tuple(c.history[c.best_epoch - 1]["val_neg_elbo"] for c in candidates)
+        scores = tuple(c.history[c.best_epoch - 1][f"val_{monitor}"] for c in candidates)
         best = int(np.argmin(scores))
         chosen.append(candidates[best]._replace(restart=best, restart_scores=scores))
     return chosen
@@ -1198,7 +1199,12 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
         **({"status_detail": outcome.detail} if outcome.detail else {}),
         **({"kept": outcome.kept} if outcome.kept else {}),
         **(
-            {"restarts": {"chosen": result.restart, "val_neg_elbo": list(result.restart_scores)}}
+            {
+                "restarts": {
+                    "chosen": result.restart,
+                    f"val_{config.monitor}": list(result.restart_scores),
+                }
+            }
             if result.restart_scores
             else {}
         ),
@@ -1646,7 +1652,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     if outcome.status == "diverged":
         outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
     if config.restarts > 1 and results[0].history:
-        results = choose_restarts(results, config.restarts)
+        results = choose_restarts(results, config.restarts, config.monitor)
         for result, directory in zip(results, seed_dirs(run_dir, config), strict=True):
             write_history(directory / "history.csv", result.history)
     if not results[0].history:  # stopped within the first epoch: nothing to evaluate
