@@ -967,12 +967,12 @@ def test_broken_idx_files_give_one_line_errors_naming_the_file(
     assert "train-images-idx3-ubyte.gz" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_missing_data_is_a_clear_cli_error(tmp_path):
-    result = run_cli(
-        "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--validate-only"
-    )
+def test_missing_data_is_a_clear_cli_error_and_creates_no_directory(tmp_path):
+    missing = tmp_path / "parent" / "none"
+    result = run_cli("--dataset", "fashion-mnist", "--data-dir", str(missing), "--validate-only")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "t10k-images-idx3-ubyte.gz" in result.stderr and str(tmp_path / "none") in result.stderr
+    assert "t10k-images-idx3-ubyte.gz" in result.stderr and str(missing) in result.stderr
+    assert not (tmp_path / "parent").exists()  # a failed download leaves no directory behind
 
 
 @pytest.mark.skipif(
