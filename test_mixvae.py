@@ -1439,6 +1439,16 @@ def test_sigkill_leaves_a_readable_history_and_a_state_to_resume(tmp_path, capsy
     assert metrics_of(resumed[: len(rows)]) == metrics_of(rows)  # bit for bit
 
 
+def test_report_tables_hold_what_differs_and_never_a_negative_zero():
+    assert train.number(-1e-9, ".3f") == "0.000" and train.number(-0.0) == "0"
+    assert train.number(-2.5e-5) == "-2.5e-05" and train.number(-0.25, ".3f") == "-0.250"
+    table = "\n".join(train.config_table(configs.Config(prior_mean=9.0, seed=3)))
+    assert "| `--prior-mean` | `9.0` |" in table and "| `--seed` | `3` |" in table
+    assert "--prior-sigma" not in table and "--validate-only" not in table
+    preset = "\n".join(train.config_table(train.parse_config(["--preset", "mnist"])))
+    assert "| `--preset` | `mnist` |" in preset and "--dataset" not in preset
+
+
 def test_failure_warnings_name_collapse_chance_accuracy_and_a_flat_elbo():
     labels = np.repeat(np.arange(10), 10)
     history = [{"val_neg_elbo": 30.0}, {"val_neg_elbo": 31.0}]

@@ -916,6 +916,7 @@ def train(
             tqdm.write(
                 f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
                 f"val_loss {mean('loss', val_metrics):9.3f}  "
+                f"val_neg_elbo {mean('neg_elbo', val_metrics):8.3f}  "
                 f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
                 f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
                 + (f"  (mean of {ran.sum()} replicas)" if len(seeds) > 1 else "")
@@ -1443,13 +1444,35 @@ HEADLINE = (
 
 
 def config_table(config: Config) -> list[str]:
+    """The flags that differ from the defaults (of --preset, when one is given); config.json
+    holds them all."""
+    default = configs.PRESETS.get(config.preset, configs.DEFAULT)
+    changed = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(Config)
+        if getattr(config, field.name) != getattr(default, field.name) or field.name == "preset"
+    }
+    changed = {k: v for k, v in changed.items() if v is not None}
     return [
         "## Config",
         "",
+        "Flags that differ from the defaults"
+        + (f" of `--preset {config.preset}`" if config.preset else "")
+        + "; `config.json` holds every setting.",
+        "",
         "| flag | value |",
         "|---|---|",
-        *[f"| `{configs.flag(k)}` | `{v}` |" for k, v in dataclasses.asdict(config).items()],
+        *[f"| `{configs.flag(k)}` | `{v}` |" for k, v in changed.items()],
     ]
+
+
+TRAINING_ONLY = ("kl_c_scale", "gumbel_temperature", "k_active", "consistency")
+
+
+def number(value: float, spec: str = ".4g") -> str:
+    """value formatted by `spec`, never as a negative zero (-0.000 reads as 0.000)."""
+    text = f"{value:{spec}}"
+    return text.removeprefix("-") if float(text) == 0 else text
 
 
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
@@ -1475,7 +1498,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         ),
         "**Test split:** "
         + ", ".join(
-            f"{name} {summary['evaluation'][name]:.3f}"
+            f"{name} {number(summary['evaluation'][name], '.3f')}"
             for name in HEADLINE
             if name in summary["evaluation"]
         )
@@ -1493,7 +1516,8 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         "|---|---|---|---|",
     ]
     lines += [
-        f"| `{name}` | {training[f'final_{name}']:.4g} | {training[f'final_val_{name}']:.4g} | "
+        f"| `{name}` | {number(training[f'final_{name}'])} | "
+        f"{number(training[f'final_val_{name}'])} | "
         f"{meaning.replace('|', '&#124;')} |"
         for name, meaning in mixvae.METRICS.items()
     ]
@@ -1505,8 +1529,9 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         "|---|---|",
     ]
     lines += [
-        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+        f"| `{k}` | {number(v)} |" if isinstance(v, float) else f"| `{k}` | {v} |"
         for k, v in summary["evaluation"].items()
+        if k not in TRAINING_ONLY and not (k == "dirichlet_penalty" and v == 0)
     ]
     if "curriculum" in summary:
         c = summary["curriculum"]
@@ -1757,7 +1782,7 @@ def evaluate_and_report(
     print(
         f"test (seed {config.seed}): "
         + "  ".join(
-            f"{name} {evaluation_metrics[name]:.3f}"
+            f"{name} {number(evaluation_metrics[name], '.3f')}"
             for name in HEADLINE
             if name in evaluation_metrics
         )
