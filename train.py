@@ -316,7 +316,7 @@ def replica_keys(pairs) -> jax.Array:
         key = jax.random.key(seed)
         return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
 
-    seeds, restarts = np.array([(seed, j) for seed, j in pairs]).reshape(-1, 2).T
+    seeds, restarts = np.array(pairs).reshape(-1, 2).T
     return jax.vmap(keys)(jnp.asarray(seeds), jnp.asarray(restarts))
 
 
@@ -773,6 +773,12 @@ class Outcome(NamedTuple):
     kept: str = ""
 
 
+def status_of(outcome: Outcome) -> dict:
+    """summary.json's status, status_detail (why) and kept (what a diverged run keeps)."""
+    fields = {"status": outcome.status, "status_detail": outcome.detail, "kept": outcome.kept}
+    return {name: value for name, value in fields.items() if value}
+
+
 def non_finite(epoch_metrics, val_metrics, running) -> str | None:
     """The first training (incl. grad_norm) or validation metric that is NaN or inf in a running "
     "replica."""
@@ -1070,10 +1076,14 @@ def save_checkpoint(run_dir: Path, model, config: Config, epoch: int) -> None:
     write_json(run_dir / "checkpoint.json", {"epoch": epoch, "config": dataclasses.asdict(config)})
 
 
-RUN_FILES = {"config.json", "history.csv", "summary.json", "REPORT.md", "figures"}
-RUN_FILES |= {"checkpoint.eqx", "checkpoint.json", STATE_FILE}
-NOT_IN_RUN_NAME = {"preset", "name", "out_dir", "overwrite", "resume", "checkpoint", "eval_only"}
-NOT_IN_RUN_NAME |= {"validate_only", "checkpoint_every", "data_dir", "devices", "eval_iw_samples"}
+RUN_FILES = {
+    *("config.json", "history.csv", "summary.json", "REPORT.md", "figures"),
+    *("checkpoint.eqx", "checkpoint.json", STATE_FILE),
+}
+NOT_IN_RUN_NAME = {  # where and how a run is kept, not what it trains
+    *("preset", "name", "out_dir", "overwrite", "resume", "checkpoint", "eval_only"),
+    *("validate_only", "checkpoint_every", "data_dir", "devices", "eval_iw_samples"),
+}
 
 
 def run_name(config: Config) -> str:
@@ -1196,9 +1206,7 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
     }
     curriculum = result.curriculum
     return {
-        "status": outcome.status,
-        **({"status_detail": outcome.detail} if outcome.detail else {}),
-        **({"kept": outcome.kept} if outcome.kept else {}),
+        **status_of(outcome),
         **(
             {
                 "restarts": {
@@ -1685,7 +1693,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             return run_dir, outcome
         write_json(
             run_dir / "summary.json",
-            {"status": outcome.status, "status_detail": outcome.detail, "kept": outcome.kept},
+            status_of(outcome),
         )
         return run_dir, outcome
     summaries = []
