@@ -4,6 +4,7 @@ analytic FLOPs of one train step and the achieved fraction of this machine's f32
     python bench.py         # every case, each in a fresh process; prints a table, writes bench.json
     python bench.py --cases quick quick-top2 --seeds 0 --no-usage-line
     python bench.py --cases --seeds 5   # only: 5 seeds in one run vs 5 runs one after another
+    python bench.py --cases --seeds 0 --no-usage-line --sweep   # only: a sweep vs separate runs
 
 Cases: the default config (digits), the `quick` preset (the seed's quick experiment: K 20, D 2,
 separate decoders), the `mnist` preset (shared z, FiLM decoder, consistency views), the quick
@@ -245,6 +246,53 @@ def seeds_wall_times(num_seeds: int, epochs: int = 40) -> dict:
     }
 
 
+SWEEP = {"prior_mean": (3, 5, 7, 9), "prior_sigma": (0.5, 1)}
+
+
+def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
+    """Whole-process wall time and XLA compilations of a 4 x 2 prior grid x `seeds` seeds on
+    digits: one `train.py --sweep ... --seeds ...` against one run per point and seed one after
+    another (each side with a fresh XLA compilation cache of its own, whose entries count the
+    distinct programs compiled; same epochs, no early stop)."""
+    common = ["--epochs", str(epochs), "--patience", "0", "--eval-iw-samples", "0"]
+    seed_list = [str(seed) for seed in range(seeds)]
+
+    def wall(runs, cache):
+        start = time.perf_counter()
+        for args in runs:
+            subprocess.run(
+                [sys.executable, "train.py", *common, *args],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache},
+            )
+        programs = os.listdir(cache)
+        return {
+            "sec": time.perf_counter() - start,
+            "compiled_programs": len(programs),
+            "compiled_train_epochs": sum(p.startswith("jit_train_replicas-") for p in programs),
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = [f"{name.replace('_', '-')}={','.join(map(str, v))}" for name, v in SWEEP.items()]
+        swept = wall(
+            [["--sweep", *grid, "--seeds", *seed_list, "--out-dir", f"{tmp}/sweep"]],
+            f"{tmp}/cache-sweep",
+        )
+        separate = wall(
+            [
+                ["--prior-mean", str(mean), "--prior-sigma", str(sigma), "--seed", seed]
+                + ["--split-seed", "0", "--out-dir", f"{tmp}/{mean}-{sigma}-{seed}"]
+                for mean in SWEEP["prior_mean"]
+                for sigma in SWEEP["prior_sigma"]
+                for seed in seed_list
+            ],
+            f"{tmp}/cache-separate",
+        )
+    runs = len(SWEEP["prior_mean"]) * len(SWEEP["prior_sigma"]) * seeds
+    return {"runs": runs, "epochs": epochs, "sweep": swept, "separate": separate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
@@ -255,6 +303,11 @@ def main() -> None:
         "--one", choices=list(CASES), help=argparse.SUPPRESS
     )  # a child process's case
     parser.add_argument("--no-usage-line", action="store_true", help="skip timing the usage line")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time a 4 x 2 prior grid x 3 seeds as one --sweep against 24 separate runs",
+    )
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
     if args.one:
@@ -309,6 +362,16 @@ def main() -> None:
             "one run after another {sequential_sec:.1f} s ({speedup:.1f}x)".format(
                 **result["seeds"]
             )
+        )
+    if args.sweep:
+        result["sweep"] = times = sweep_wall_times()
+        print(
+            f"{times['runs']} runs x {times['epochs']} epochs, whole processes: one --sweep "
+            f"{times['sweep']['sec']:.1f} s ({times['sweep']['compiled_train_epochs']} compiled "
+            f"epoch, {times['sweep']['compiled_programs']} programs in all), one run after "
+            f"another {times['separate']['sec']:.1f} s "
+            f"({times['separate']['compiled_train_epochs']} compiled epochs, "
+            f"{times['separate']['compiled_programs']} programs)"
         )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 from typing import Literal
 
@@ -69,6 +70,12 @@ class Config:
     value at its best epoch (the objective, by default), as k-means keeps the best of its n_init
     starts by its objective. No label is used. Costs N x the training; every candidate's
     history stays in restart_<j>/."""
+    sweep: tuple[str, ...] = ()
+    """Train a grid of hyperparameters as replicas of one compiled epoch, e.g. --sweep
+    prior-mean=3,5,7,9 prior-sigma=0.5,1: the product of the lists (times --seeds and
+    --restarts), each point's runs in a directory of its own, and a sweep report at the top.
+    Sweepable: prior-mean, prior-sigma, prior-weight, kl-c-weight, beta-z, diversity-weight,
+    consistency-weight, dirichlet-weight, augment-strength, learning-rate."""
     split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
     devices: int | None = None
@@ -242,6 +249,61 @@ class ConfigError(ValueError):
     """A bad configuration value; its message is one line naming the flag."""
 
 
+# The float hyperparameters that --sweep trains side by side in one compiled epoch: the
+# objective's (arrays per replica, see mixvae.Objective) and the learning rate (per replica in
+# the optimizer state).
+OBJECTIVE_FLOATS = (
+    *("prior_mean", "prior_sigma", "prior_weight", "kl_c_weight", "beta_z"),
+    *("diversity_weight", "consistency_weight", "dirichlet_weight", "augment_strength"),
+)
+SWEEPABLE = (*OBJECTIVE_FLOATS, "learning_rate")
+
+
+def sweep_grid(config: Config) -> list[dict[str, float]]:
+    """--sweep NAME=V1,V2,... [NAME=...] as the product of its lists, the first name varying
+    slowest: one {field: value} per grid point ([] without --sweep). ConfigError names the
+    first bad entry; each point must be a valid config in its own right."""
+    lists = {}
+    for entry in config.sweep:
+        problem = f"--sweep {entry!r} is not allowed"
+        name, equals, values = entry.partition("=")
+        field = name.strip().replace("-", "_")
+        if not equals or not name.strip():
+            raise ConfigError(f"{problem}: write NAME=V1,V2,... (e.g. prior-mean=3,5,7)")
+        if field not in SWEEPABLE:
+            known = field in {f.name for f in dataclasses.fields(Config)}
+            raise ConfigError(
+                f"{problem}: {name.strip()} is "
+                + ("not a float hyperparameter" if known else "not a flag")
+                + " (sweepable: "
+                + ", ".join(flag(f)[2:] for f in SWEEPABLE)
+                + ")"
+            )
+        if field in lists:
+            raise ConfigError(f"{problem}: {flag(field)[2:]} is swept twice")
+        if not values.strip():
+            raise ConfigError(f"{problem}: it lists no values")
+        try:
+            numbers = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise ConfigError(f"{problem}: its values must be numbers, comma-separated") from None
+        if len(set(numbers)) != len(numbers):
+            raise ConfigError(f"{problem}: a value is listed twice")
+        lists[field] = numbers
+    grid = [dict(zip(lists, point, strict=True)) for point in itertools.product(*lists.values())]
+    for point in grid:
+        try:
+            validate(dataclasses.replace(config, sweep=(), **point))
+        except ConfigError as error:
+            raise ConfigError(f"--sweep point {point_name(point)}: {error}") from None
+    return grid
+
+
+def point_name(point: dict[str, float]) -> str:
+    """A sweep point as flags and values, e.g. prior-mean3-prior-sigma0.5."""
+    return "-".join(f"{flag(field)[2:]}{value:g}" for field, value in point.items())
+
+
 DEFAULT = Config()
 
 
@@ -342,4 +404,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(
                 f"{flag(field)}={getattr(c, field)!r} is not allowed: must be {allowed}"
             )
+    if c.sweep:
+        if c.curriculum:
+            raise ConfigError("--sweep is not allowed with --curriculum (its unlocks are per run)")
+        sweep_grid(c)
     return config

@@ -16,7 +16,6 @@ transposed (a vmapped eqx.nn.Linear makes XLA transpose its [out, B] result).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -630,28 +629,37 @@ def usage_stats(usage):
 # --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """The loss's fixed hyperparameters (hashable: part of the compiled step's cache key)."""
+class Objective(eqx.Module):
+    """The loss's fixed hyperparameters. Python floats are compile-time constants (part of the
+    compiled step's cache key); a float given as an array, e.g. [R] per replica of a sweep, is an
+    input instead, so that one compiled step serves every value."""
 
-    c_regularizer: str = "logit_mog"  # categorical | logit_mog | both
+    c_regularizer: str = eqx.field(default="logit_mog", static=True)  # categorical|logit_mog|both
     kl_c_weight: float = 1.0  # w_cat
     prior_weight: float = 1.0  # lambda
     prior_mean: float = 7.0  # M
     prior_sigma: float = 0.7  # sigma
     beta_z: float = 1.0
-    dirichlet_alpha: float | None = None  # None: no Dirichlet MAP term
+    dirichlet_alpha: float | None = eqx.field(default=None, static=True)  # None: no Dirichlet term
     dirichlet_weight: float = 1.0
     diversity_weight: float = -50.0  # < 0 rewards diverse usage
-    router: str = "straight_through"
-    consistency_weight: float = 0.0  # w_cons; 0: no augmented view is encoded
+    router: str = eqx.field(default="straight_through", static=True)
+    consistency_weight: float = 0.0  # w_cons; a Python 0: no augmented view is encoded
     augment_strength: float = 1.0
-    top_m: int | None = None  # training decodes only each example's top-M channels; None: all
-    top_m_capacity: float = 2.0  # separate decoders: rows per channel, as a multiple of B M / K
+    # training decodes only each example's top-M channels; None: all
+    top_m: int | None = eqx.field(default=None, static=True)
+    # separate decoders: rows per channel, as a multiple of B M / K
+    top_m_capacity: float = eqx.field(default=2.0, static=True)
 
-    def __post_init__(self):
+    def __check_init__(self):
         _check_choice("c_regularizer", self.c_regularizer, C_REGULARIZERS)
         _check_choice("router", self.router, ROUTERS)
+
+
+def switched_on(weight) -> bool:
+    """Whether a weighted term is computed: always, unless its weight is a Python 0 (an array
+    weight, a sweep's, may be nonzero for some replicas)."""
+    return not (isinstance(weight, (int, float)) and weight == 0)
 
 
 def _float32(value):
@@ -774,7 +782,7 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
         nll = channel_nll(model, x, decode_channels(model, z)).T
         decoded = jnp.ones(nll.shape, bool)
     consistency = jnp.zeros(x.shape[0])
-    if objective.consistency_weight > 0 and key is not None:
+    if switched_on(objective.consistency_weight) and key is not None:
         augmented_logits, _, _ = jax.vmap(model.encoder)(
             augment(x, jax.random.fold_in(key, 1), objective.augment_strength)
         )
@@ -932,10 +940,20 @@ def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
 
 
 def make_optimizer(learning_rate, *, weight_decay=1e-4, clip_norm=10.0):
-    """Global-norm clipping, then AdamW."""
+    """Global-norm clipping, then AdamW. The learning rate lives in the optimizer state
+    (optax.inject_hyperparams), so replicas may each have their own: see with_learning_rate."""
     return optax.chain(
-        optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay)
+        optax.clip_by_global_norm(clip_norm),
+        optax.inject_hyperparams(
+            optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay")
+        )(learning_rate, weight_decay=weight_decay),
     )
+
+
+def with_learning_rate(opt_state, learning_rate):
+    """opt_state of make_optimizer with its learning rate replaced (an array [R] for stacked
+    replicas)."""
+    return optax.tree.set(opt_state, learning_rate=jnp.asarray(learning_rate, jnp.float32))
 
 
 def init_optimizer(optimizer, model):
@@ -993,16 +1011,17 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
 def train_replicas(models, opt_states, images, batch_indices, keys, sched, objective, optimizer):
-    """train_epoch of R independent replicas (e.g. seeds) as one compiled call, vmapped over the
-    stacked models and optimizer states, their batch orders [R, S, B] and keys [R]; the images,
-    schedule and objective are shared. Under a data-sharded batch_indices XLA runs it SPMD."""
+    """train_epoch of R independent replicas (seeds, restarts, a sweep's points) as one compiled
+    call, over the stacked models and optimizer states, their batch orders [R, S, B], keys [R] and
+    the objective's array hyperparameters [R] (a sweep's; its Python floats are shared, as are the
+    images and schedule). Under a data-sharded batch_indices XLA runs it SPMD."""
 
-    def epoch(model, opt_state, replica_batches, key):
+    def epoch(model, opt_state, replica_batches, key, objective):
         return train_epoch(
             model, opt_state, images, replica_batches, key, sched, objective, optimizer
         )
 
-    return over_replicas(epoch, models, opt_states, batch_indices, keys)
+    return over_replicas(epoch, models, opt_states, batch_indices, keys, objective)
 
 
 def over_replicas(fn, *stacked):
@@ -1057,8 +1076,11 @@ def evaluate(model, images, sched, objective, chunk_size=256):
 
 @eqx.filter_jit
 def validate_replicas(models, images, sched, objective):
-    """evaluate's metrics of each of R stacked models on the same images, one compiled call."""
-    return over_replicas(lambda model: evaluate(model, images, sched, objective)[0], models)
+    """evaluate's metrics of each of R stacked models on the same images, one compiled call (the
+    objective's array hyperparameters [R] per replica, as in train_replicas)."""
+    return over_replicas(
+        lambda model, objective: evaluate(model, images, sched, objective)[0], models, objective
+    )
 
 
 @eqx.filter_jit

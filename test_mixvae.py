@@ -606,6 +606,16 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
         (["--data-dir", "somewhere"], "--data-dir='somewhere' .* --dataset=digits"),
         (["--epochs", "abc"], "--epochs: invalid literal"),
         (["--bogus", "3"], "Unrecognized options: --bogus"),
+        (["--sweep", "prior-meen=3,5"], "prior-meen is not a flag .*sweepable: prior-mean"),
+        (["--sweep", "hidden-dim=8,16"], "hidden-dim is not a float hyperparameter"),
+        (["--sweep", "prior-sigma=0.5,0"], "point prior-sigma0: --prior-sigma=0.0 .* > 0"),
+        (["--sweep", "prior-mean=3,x"], "prior-mean=3,x' .* must be numbers"),
+        (["--sweep", "prior-mean="], "prior-mean=' .* lists no values"),
+        (["--sweep", "prior-mean"], "write NAME=V1,V2"),
+        (["--sweep", "prior-mean=3", "prior-mean=5"], "prior-mean is swept twice"),
+        (["--sweep", "beta-z=1,1"], "a value is listed twice"),
+        (["--sweep", "prior-mean=3,5", "--prior-mean", "4"], "--prior-mean is not allowed with"),
+        (["--sweep", "prior-mean=3,5", "--curriculum"], "--sweep is not allowed with --curric"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_flag_typed_and_write_nothing(
@@ -1115,6 +1125,39 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
         json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"]
         == summary["evaluation"]["nmi"]
     )
+
+
+def test_a_sweep_trains_its_grid_in_one_compile_each_point_equal_to_its_own_run(tmp_path):
+    """--sweep prior-mean=3,9 learning-rate=...: four replicas of one compiled epoch, resumed bit
+    for bit; a point's history equals the single run of its flags; the sweep's summary, CSVs,
+    figure and report hold each point."""
+    sweep, rates = tmp_path / "sweep", "0.001,0.004"
+    args = ["--sweep", "prior-mean=3,9", f"learning-rate={rates}", "--out-dir", str(sweep)]
+    assert train.main([*args, "--epochs", "1", *SMALL_RUN]) == 0
+    before = eqx.debug.get_num_traces(mixvae.train_replicas)
+    assert train.main(["--resume", str(sweep), "--epochs", "2"]) == 0
+    assert eqx.debug.get_num_traces(mixvae.train_replicas) - before == 1  # one for the grid
+    point = sweep / "prior-mean9-learning-rate0.004"
+    alone = tmp_path / "alone"
+    flags = ["--prior-mean", "9", "--learning-rate", "0.004", "--epochs", "2", *SMALL_RUN]
+    assert train.main(["--out-dir", str(alone), *flags]) == 0
+    assert metrics_of(read_history(point)) == metrics_of(read_history(alone))
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(p["prior_mean"], p["learning_rate"]) for p in summary["points"]] == [
+        (3.0, 0.001),
+        (3.0, 0.004),
+        (9.0, 0.001),
+        (9.0, 0.004),
+    ]
+    evaluation = json.loads((point / "summary.json").read_text())["evaluation"]
+    assert summary["points"][3]["nmi_mean"] == evaluation["nmi"]
+    with open(sweep / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    report = (sweep / "REPORT.md").read_text()
+    assert "prior-mean9-learning-rate0.004/REPORT.md" in report and "figures/sweep.png" in report
+    assert (sweep / "figures" / "sweep.png").is_file()
+    objective = train.replica_objective(configs.Config(sweep=("prior-mean=3,9",), seeds=(0, 1)))
+    assert objective.prior_mean.tolist() == [3, 3, 9, 9] and objective.prior_sigma == 0.7
 
 
 def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_path):

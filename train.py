@@ -303,9 +303,36 @@ def replica_seeds(config: Config) -> tuple[int, ...]:
     return config.seeds or (config.seed,)
 
 
+def sweep_points(config: Config) -> list[Config]:
+    """The config of each --sweep grid point (without --sweep); [config] without a sweep."""
+    return [
+        dataclasses.replace(config, sweep=(), **point) for point in configs.sweep_grid(config)
+    ] or [config]
+
+
 def replicas(config: Config) -> list[tuple[int, int]]:
-    """The (seed, restart) pairs trained side by side: --restarts candidates per seed."""
-    return [(seed, j) for seed in replica_seeds(config) for j in range(config.restarts)]
+    """The (seed, restart) pairs trained side by side: --restarts candidates per seed, for each
+    sweep point (point-major)."""
+    pairs = [(seed, j) for seed in replica_seeds(config) for j in range(config.restarts)]
+    return pairs * len(sweep_points(config))
+
+
+def replica_objective(config: Config) -> mixvae.Objective:
+    """The objective of the replicas: build_objective(config), each hyperparameter swept by
+    --sweep an array [R] of the replicas' values (a point's value for each of its seeds and
+    restarts)."""
+    points = sweep_points(config)
+    repeats = len(replicas(config)) // len(points)
+    swept = {
+        name: np.repeat(np.array([getattr(point, name) for point in points], np.float32), repeats)
+        for name in swept_names(config)
+        if name in configs.OBJECTIVE_FLOATS
+    }
+    return dataclasses.replace(build_objective(config), **swept)
+
+
+def swept_names(config: Config) -> list[str]:
+    return list(configs.sweep_grid(config)[0]) if config.sweep else []
 
 
 def replica_keys(pairs) -> jax.Array:
@@ -603,6 +630,10 @@ def initial_state(config: Config, input_dim: int) -> TrainState:
     models = build_replicas(config, input_dim, keys[:, 0])
     optimizer = mixvae.make_optimizer(config.learning_rate)
     opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
+    if "learning_rate" in swept_names(config):
+        repeats = len(pairs) // len(sweep_points(config))
+        rates = [point.learning_rate for point in sweep_points(config)]
+        opt_states = mixvae.with_learning_rate(opt_states, np.repeat(rates, repeats))
     count = len(pairs)
     return TrainState(
         0,
@@ -804,17 +835,18 @@ def train(
     train_state_saved column marks the epochs the state was saved after."""
     pairs = replicas(config)
     seeds = [seed for seed, _ in pairs]
-    history_paths = [directory / "history.csv" for directory in replica_dirs(run_dir, config)]
+    directories = replica_dirs(run_dir, config)
+    history_paths = [directory / "history.csv" for directory in directories]
     for path in history_paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     for path, history in zip(history_paths, state.histories, strict=True):
         write_history(path, history)  # a resumed run's history up to its checkpoint
     mesh = data_mesh(config)
     replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, None, "data"))
-    objective = build_objective(config)
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    state.models, state.opt_states, state.best_models = (
-        put(tree, replicated) for tree in (state.models, state.opt_states, state.best_models)
+    state.models, state.opt_states, state.best_models, objective = (
+        put(tree, replicated)
+        for tree in (state.models, state.opt_states, state.best_models, replica_objective(config))
     )
     state.keys = jax.device_put(state.keys, replicated)
     train_images = jax.device_put(data.train.images, replicated)
@@ -930,9 +962,10 @@ def train(
                 + ("  -> unlock" if unlocked else "")
             )
             for r in stopping:
+                which = f" ({directories[r].relative_to(run_dir)})" if len(seeds) > 1 else ""
                 tqdm.write(
-                    f"early stop{f' (seed, restart {pairs[r]})' if len(seeds) > 1 else ''}: no "
-                    f"better val_{config.monitor} for {config.patience} epochs"
+                    f"early stop{which}: no better val_{config.monitor} for {config.patience} "
+                    "epochs"
                 )
             bar.update()
             if stop.signal is not None:
@@ -993,11 +1026,13 @@ def clustering_scores(channels, labels, train_channels, train_labels) -> dict[st
 
 
 def evaluate_split(model, config: Config, images, k_active: int):
+    objective = build_objective(config)  # its floats as arrays: one compile for every sweep point
+    floats = {name: jnp.float32(getattr(objective, name)) for name in configs.OBJECTIVE_FLOATS}
     metrics, terms = mixvae.evaluate(
         model,
         jax.device_put(images),
         schedule(config, config.epochs, k_active),
-        build_objective(config),
+        dataclasses.replace(objective, **floats),
     )
     return metrics, np.asarray(terms.responsibilities)
 
@@ -1078,6 +1113,7 @@ def save_checkpoint(run_dir: Path, model, config: Config, epoch: int) -> None:
 
 RUN_FILES = {
     *("config.json", "history.csv", "summary.json", "REPORT.md", "figures"),
+    *("sweep.csv", "sweep_points.csv"),
     *("checkpoint.eqx", "checkpoint.json", STATE_FILE),
 }
 NOT_IN_RUN_NAME = {  # where and how a run is kept, not what it trains
@@ -1099,6 +1135,9 @@ def run_name(config: Config) -> str:
             continue
         if field.name == "c_regularizer" and config.preset is None:
             continue  # already the name's first part
+        if field.name == "sweep":
+            parts.append("sweep-" + "-".join(configs.flag(n)[2:] for n in swept_names(config)))
+            continue
         text = (
             "_".join(map(str, value))
             if isinstance(value, tuple)
@@ -1144,7 +1183,9 @@ def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
             foreign = sorted(
                 entry.name
                 for entry in run_dir.iterdir()
-                if entry.name not in RUN_FILES and not entry.name.startswith((".", "seed_"))
+                if entry.name not in RUN_FILES
+                and not entry.name.startswith((".", "seed_"))
+                and not (entry / "config.json").is_file()  # a sweep point's directory
             )
             if foreign:
                 raise ConfigError(
@@ -1176,10 +1217,32 @@ def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
     return run_dir, replaced
 
 
+def point_dirs(run_dir: Path, config: Config) -> list[Path]:
+    """Where each sweep point's runs go: <run dir>/<point name>/, or the run directory itself
+    without --sweep."""
+    if not config.sweep:
+        return [run_dir]
+    return [run_dir / configs.point_name(point) for point in configs.sweep_grid(config)]
+
+
 def seed_dirs(run_dir: Path, config: Config) -> list[Path]:
-    """Where each seed's files go: the run directory, or seed_<s>/ per seed with --seeds."""
+    """Where each seed's files go: its point's directory, or seed_<s>/ inside it per seed with
+    --seeds."""
     seeds = replica_seeds(config)
-    return [run_dir] if len(seeds) == 1 else [run_dir / f"seed_{seed}" for seed in seeds]
+    return [
+        directory if len(seeds) == 1 else directory / f"seed_{seed}"
+        for directory in point_dirs(run_dir, config)
+        for seed in seeds
+    ]
+
+
+def seed_configs(config: Config) -> list[Config]:
+    """The config of each seed of each sweep point, as a single run of it would be given."""
+    return [
+        replica_config(point, seed)
+        for point in sweep_points(config)
+        for seed in replica_seeds(point)
+    ]
 
 
 def replica_dirs(run_dir: Path, config: Config) -> list[Path]:
@@ -1191,7 +1254,10 @@ def replica_dirs(run_dir: Path, config: Config) -> list[Path]:
 
 
 def replica_config(config: Config, seed: int) -> Config:
-    """The config of one seed of a --seeds run, as a single run of that seed would be given."""
+    """The config of one seed of a --seeds run, as a single run of that seed would be given
+    (the config itself for a single-seed run)."""
+    if not config.seeds:
+        return config
     return dataclasses.replace(config, seed=seed, seeds=(), split_seed=split_seed(config))
 
 
@@ -1220,6 +1286,10 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
         "training": {
             **training,
             "best_epoch": result.best_epoch,
+            "val_at_best_epoch": {
+                name: result.history[result.best_epoch - 1][f"val_{name}"]
+                for name in ("loss", "neg_elbo", "responsibility_confidence", "k_eff")
+            },
             "epochs_completed": len(result.history),
             "training_time_sec": round(result.training_time, 3),
             "compile_time_sec": round(result.compile_time, 3),
@@ -1305,6 +1375,23 @@ def plot_curriculum(history, curriculum: Curriculum, num_components: int, save) 
     )
 
 
+@eqx.filter_jit
+def figure_decodes(model, images, z):
+    """The figures' decoder means, one compiled call: every channel's reconstruction of each of
+    `images` [N, P] from its posterior mean -> [K, N, P], and every channel's decode of z
+    [K, C, D] -> [K, C, P]."""
+    _, mean, _ = jax.vmap(model.encoder)(mixvae.to_unit_interval(images))
+    num_pixels = images.shape[-1]
+    reconstructions = mixvae.decoded_mean(mixvae.decode_channels(model, mean), num_pixels)
+    return reconstructions, mixvae.decoded_mean(model.decoders(z), num_pixels)
+
+
+@eqx.filter_jit
+def posterior_means(model, images):
+    """mu(x) of each image of `images` [N, P] -> [N, D] (shared) or [N, K, D]."""
+    return jax.vmap(model.encoder)(mixvae.to_unit_interval(images))[1]
+
+
 def plot_figures(
     fig_dir: Path, config: Config, data: Dataset, result: TrainResult, responsibilities, usage, key
 ):
@@ -1385,14 +1472,15 @@ def plot_figures(
     num_pixels = side * side
     columns = 8
     shown = [np.flatnonzero(channels == k)[:columns] for k in range(num_components)]
-    rows = np.concatenate(shown)  # only the images on the grid are decoded
-    images = mixvae.to_unit_interval(jnp.asarray(data.test.images[rows]))
-    _, mean, _ = jax.vmap(model.encoder)(images)
-    decoded = np.asarray(mixvae.decoded_mean(mixvae.decode_channels(model, mean), num_pixels))
+    rows = np.concatenate(shown)  # only the images on the grid are decoded, padded to K x columns
+    rows = np.pad(rows, (0, num_components * columns - len(rows)))
+    z = jax.random.normal(key, (num_components, columns, config.latent_dim))
+    decoded, samples = figure_decodes(model, jnp.asarray(data.test.images[rows]), z)
+    images = np.asarray(mixvae.to_unit_interval(data.test.images[rows]))
     tiles = np.full((num_components, 2 * columns + 1, num_pixels), np.nan)  # a blank column between
     start = 0
     for k, members in enumerate(shown):
-        tiles[k, : len(members)] = np.asarray(images)[start : start + len(members)]
+        tiles[k, : len(members)] = images[start : start + len(members), :num_pixels]
         tiles[k, columns + 1 : columns + 1 + len(members)] = decoded[
             k, start : start + len(members)
         ]
@@ -1410,18 +1498,13 @@ def plot_figures(
         "One row per channel: test images routed to it, then its reconstructions",
     )
 
-    z = jax.random.normal(key, (num_components, columns, config.latent_dim))
-    samples = np.asarray(mixvae.decoded_mean(model.decoders(z), num_pixels))
     fig, ax = plt.subplots(figsize=(4.5, 0.5 * num_components + 0.8))
     image_grid(ax, samples, side, "decoder means at z ~ N(0, I)")
     save(fig, "samples.png", "One row per channel: decoder means at z ~ N(0, I)")
 
     if config.latent_dim == 2:
-        images = mixvae.to_unit_interval(jnp.asarray(data.test.images))
-        _, mean, _ = jax.vmap(model.encoder)(images)
-        routed_mean = np.asarray(
-            mean if mean.ndim == 2 else mean[np.arange(len(channels)), channels]
-        )
+        mean = posterior_means(model, jnp.asarray(data.test.images))
+        routed_mean = mean if mean.ndim == 2 else mean[np.arange(len(channels)), channels]
         fig, ax = plt.subplots(figsize=(5, 4.5))
         scatter = ax.scatter(routed_mean[:, 0], routed_mean[:, 1], c=channels, cmap="tab20", s=6)
         fig.colorbar(scatter, ax=ax, label="channel")
@@ -1587,8 +1670,8 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | Non
     )
     print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
     print(
-        f"seeds {' '.join(map(str, replica_seeds(config)))}; each batch sharded over {mesh.size} "
-        "device(s)"
+        f"seeds {' '.join(map(str, replica_seeds(config)))} ({describe_replicas(config)}); each "
+        f"batch sharded over {mesh.size} device(s)"
     )
     where = run_dir or config.out_dir or f"runs/<timestamp>-{run_name(config)}"
     print(f"would write the run to {where}/ (nothing trained, nothing written)")
@@ -1642,6 +1725,12 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     """The program: validate, load, train (or resume), then evaluate and write every artifact.
     `given`: the flags typed (for --resume, which accepts only a few)."""
     configs.validate(config)
+    both = [name for name in swept_names(config) if name in given]
+    if both:
+        raise ConfigError(
+            f"{configs.flag(both[0])} is not allowed with --sweep {both[0].replace('_', '-')}=...: "
+            "give its values in the sweep only"
+        )
     if config.eval_only:
         return reevaluate(config), Outcome("finished", "")
     resuming = config.resume is not None
@@ -1668,13 +1757,17 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         with timed(timings, "initialisation"):
             state = initial_state(config, input_dim)
         run_dir, replaced = claim_run_dir(config)
-        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
-            for directory, seed in zip(seed_dirs(run_dir, config), seeds, strict=True):
+        for directory, point in zip(point_dirs(run_dir, config), sweep_points(config), strict=True):
+            if config.sweep:  # each point a directory of its own, as a run of it writes it
                 directory.mkdir()
-                write_json(
-                    directory / "config.json", dataclasses.asdict(replica_config(config, seed))
-                )
-    print(f"run directory: {run_dir}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+                write_json(directory / "config.json", dataclasses.asdict(point))
+        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
+            for directory, seed_config in zip(
+                seed_dirs(run_dir, config), seed_configs(config), strict=True
+            ):
+                directory.mkdir()
+                write_json(directory / "config.json", dataclasses.asdict(seed_config))
+    print(f"run directory: {run_dir} ({describe_replicas(config)})")
     try:
         with timed(timings, "training"):
             results, outcome = train(config, data, state, run_dir)
@@ -1697,20 +1790,44 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         )
         return run_dir, outcome
     summaries = []
-    seed_keys = replica_keys([(seed, 0) for seed in seeds])
-    for result, directory, (_, _, figure_key, iw_key) in zip(
-        results, seed_dirs(run_dir, config), seed_keys, strict=True
+    seed_keys = replica_keys([(result.seed, 0) for result in results])
+    for result, directory, seed_config, (_, _, figure_key, iw_key) in zip(
+        results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
     ):
-        replica_cfg = config if len(seeds) == 1 else replica_config(config, result.seed)
-        save_checkpoint(directory, result.model, replica_cfg, result.best_epoch)
+        save_checkpoint(directory, result.model, seed_config, result.best_epoch)
         summaries.append(
             evaluate_and_report(
-                directory, replica_cfg, data, result, outcome, iw_key, figure_key, timings
+                directory, seed_config, data, result, outcome, iw_key, figure_key, timings
             )
         )
-    if len(seeds) > 1:
-        write_seeds_report(run_dir, config, summaries)
+    write_group_reports(run_dir, config, summaries)
     return run_dir, outcome
+
+
+def describe_replicas(config: Config) -> str:
+    """e.g. "8 sweep points x 3 seeds x 2 restarts = 48 replicas"."""
+    counts = [
+        (len(sweep_points(config)), "sweep points"),
+        (len(replica_seeds(config)), "seeds"),
+        (config.restarts, "restarts"),
+    ]
+    parts = [f"{count} {what}" for count, what in counts if count > 1]
+    total = len(replicas(config))
+    return " x ".join(parts) + (f" = {total} replicas" if len(parts) > 1 else "") or "one replica"
+
+
+def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) -> None:
+    """After each seed's own report: the mean +- std report of each point with several seeds,
+    then the sweep's report."""
+    per_point = len(replica_seeds(config))
+    groups = [summaries[i : i + per_point] for i in range(0, len(summaries), per_point)]
+    if per_point > 1:
+        for directory, point, group in zip(
+            point_dirs(run_dir, config), sweep_points(config), groups, strict=True
+        ):
+            write_seeds_report(directory, point, group)
+    if config.sweep:
+        write_sweep_report(run_dir, config, groups)
 
 
 def settle_overwrite(run_dir: Path, replaced: Path, trained: bool) -> None:
@@ -1880,6 +1997,147 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
     lines += ["", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
+
+
+SWEEP_METRICS = {  # summary key -> column name; the last is label-free (a tuning criterion)
+    "cluster_accuracy": "accuracy",
+    "nmi": "NMI",
+    "ari": "ARI",
+    "responsibility_confidence": "confidence",
+    "k_eff": "k_eff",
+    "neg_elbo": "test -ELBO",
+    "iw_nll": "IW-NLL",
+    "val_neg_elbo": "val -ELBO (best epoch)",
+}
+
+
+def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], list[dict]]:
+    """One row per point x seed, and one per point (mean and sample std over seeds, ddof=1)."""
+    rows, point_rows = [], []
+    for point, point_config, group in zip(
+        configs.sweep_grid(config), sweep_points(config), groups, strict=True
+    ):
+        seed_rows = [
+            {
+                **point,
+                "seed": seed_config.seed,
+                **{
+                    name: summary["training"]["val_at_best_epoch"]["neg_elbo"]
+                    if name == "val_neg_elbo"
+                    else summary["evaluation"].get(name, float("nan"))
+                    for name in SWEEP_METRICS
+                },
+                "best_epoch": summary["training"]["best_epoch"],
+                "status": summary.get("status", "finished"),
+            }
+            for summary, seed_config in zip(group, seed_configs(point_config), strict=True)
+        ]
+        rows += seed_rows
+        stats = {}
+        for name in SWEEP_METRICS:
+            values = np.array([row[name] for row in seed_rows])
+            stats[f"{name}_mean"] = float(np.mean(values))
+            stats[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        point_rows.append({**point, "dir": configs.point_name(point), **stats})
+    return rows, point_rows
+
+
+def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) -> None:
+    """The sweep's summary.json, sweep.csv (point x seed), sweep_points.csv (mean and std per
+    point), figures/sweep.png and REPORT.md, from each point's seed summaries."""
+    rows, point_rows = sweep_rows(config, groups)
+    names = swept_names(config)
+    write_json(
+        run_dir / "summary.json",
+        {
+            "sweep": list(config.sweep),
+            "seeds": list(replica_seeds(config)),
+            "points": point_rows,
+            "runs": rows,
+        },
+    )
+    for file, table in (("sweep.csv", rows), ("sweep_points.csv", point_rows)):
+        atomic_write(run_dir / file, lambda f, t=table: f.write(history_csv(t, True).encode()))
+    plot_sweep(run_dir / "figures", names, point_rows)
+    seeds = replica_seeds(config)
+    lines = [
+        f"# Sweep report: {run_dir.name}",
+        "",
+        f"{len(point_rows)} grid points ({' x '.join(config.sweep)}), "
+        f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        + (f", best of {config.restarts} restarts each" if config.restarts > 1 else "")
+        + f": {len(replicas(config))} replicas trained side by side in one compiled epoch "
+        f"({groups[0][0]['training']['training_time_sec']:.1f} s of training). Test metrics of "
+        "each run's best model"
+        + (", mean ± sample std over the seeds" if len(seeds) > 1 else "")
+        + "; the last column is label-free, the one to choose a point by.",
+        "",
+        "| " + " | ".join([*(configs.flag(n) for n in names), *SWEEP_METRICS.values()]) + " |",
+        "|" + "---|" * (len(names) + len(SWEEP_METRICS)),
+    ]
+    for row in point_rows:
+        cells = [
+            f"[{row[n]:g}]({row['dir']}/REPORT.md)" if i == 0 else f"{row[n]:g}"
+            for i, n in enumerate(names)
+        ]
+        cells += [
+            number(row[f"{name}_mean"], ".3f")
+            + (f" ± {number(row[f'{name}_std'], '.3f')}" if len(seeds) > 1 else "")
+            for name in SWEEP_METRICS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "![sweep](figures/sweep.png)",
+        "",
+        "Per run: `sweep.csv`; per point: `sweep_points.csv`; each point's directory holds its "
+        "runs laid out as a `--seeds` run.",
+        "",
+        *config_table(config),
+    ]
+    atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
+    print(f"report ({len(point_rows)} sweep points): {run_dir / 'REPORT.md'}")
+
+
+def plot_sweep(fig_dir: Path, names: list[str], point_rows: list[dict]) -> None:
+    """figures/sweep.png: each metric (mean +- std over seeds) against the first swept value, or
+    against M / sigma when both are swept; one line per value of the other swept names."""
+    fig_dir.mkdir(exist_ok=True)
+    ratio = {"prior_mean", "prior_sigma"} <= set(names)
+    x_name = "M / sigma" if ratio else configs.flag(names[0])
+
+    def x_of(row):
+        return row["prior_mean"] / row["prior_sigma"] if ratio else row[names[0]]
+
+    others = [n for n in names if n not in (("prior_mean", "prior_sigma") if ratio else names[:1])]
+    series = {}
+    for row in point_rows:
+        series.setdefault(tuple(row[n] for n in others), []).append(row)
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6), sharex=True)
+    for ax, (name, label) in zip(axes.flat, SWEEP_METRICS.items(), strict=True):
+        for values, points in series.items():
+            points = sorted(points, key=x_of)
+            ax.errorbar(
+                [x_of(row) for row in points],
+                [row[f"{name}_mean"] for row in points],
+                yerr=[row[f"{name}_std"] for row in points],
+                marker="o",
+                capsize=3,
+                label=", ".join(
+                    f"{configs.flag(n)[2:]} {v:g}" for n, v in zip(others, values, strict=True)
+                )
+                or None,
+            )
+        ax.set_title(label)
+        ax.set_ylabel("nats" if "ELBO" in label or "NLL" in label else label)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel(x_name)
+    if others:
+        axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "sweep.png", dpi=110)
+    plt.close(fig)
 
 
 def config_from_json(saved: dict) -> Config:
