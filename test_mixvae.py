@@ -1156,6 +1156,9 @@ def test_a_sweep_trains_its_grid_in_one_compile_each_point_equal_to_its_own_run(
     report = (sweep / "REPORT.md").read_text()
     assert "prior-mean9-learning-rate0.004/REPORT.md" in report and "figures/sweep.png" in report
     assert (sweep / "figures" / "sweep.png").is_file()
+    (sweep / "summary.json").unlink()
+    assert train.main(["--eval-only", "--checkpoint", str(sweep), "--eval-iw-samples", "0"]) == 0
+    assert json.loads((sweep / "summary.json").read_text())["points"] == summary["points"]
     objective = train.replica_objective(configs.Config(sweep=("prior-mean=3,9",), seeds=(0, 1)))
     assert objective.prior_mean.tolist() == [3, 3, 9, 9] and objective.prior_sigma == 0.7
 

@@ -2011,9 +2011,15 @@ SWEEP_METRICS = {  # summary key -> column name; the last is label-free (a tunin
 }
 
 
+def sweep_metrics(groups: list[list[dict]]) -> dict[str, str]:
+    """SWEEP_METRICS that the runs have (IW-NLL only with --eval-iw-samples)."""
+    evaluated = groups[0][0]["evaluation"]
+    return {k: v for k, v in SWEEP_METRICS.items() if k in evaluated or k.startswith("val_")}
+
+
 def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], list[dict]]:
     """One row per point x seed, and one per point (mean and sample std over seeds, ddof=1)."""
-    rows, point_rows = [], []
+    rows, point_rows, metrics = [], [], sweep_metrics(groups)
     for point, point_config, group in zip(
         configs.sweep_grid(config), sweep_points(config), groups, strict=True
     ):
@@ -2024,8 +2030,8 @@ def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], li
                 **{
                     name: summary["training"]["val_at_best_epoch"]["neg_elbo"]
                     if name == "val_neg_elbo"
-                    else summary["evaluation"].get(name, float("nan"))
-                    for name in SWEEP_METRICS
+                    else summary["evaluation"][name]
+                    for name in metrics
                 },
                 "best_epoch": summary["training"]["best_epoch"],
                 "status": summary.get("status", "finished"),
@@ -2034,7 +2040,7 @@ def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], li
         ]
         rows += seed_rows
         stats = {}
-        for name in SWEEP_METRICS:
+        for name in metrics:
             values = np.array([row[name] for row in seed_rows])
             stats[f"{name}_mean"] = float(np.mean(values))
             stats[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -2046,7 +2052,7 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     """The sweep's summary.json, sweep.csv (point x seed), sweep_points.csv (mean and std per
     point), figures/sweep.png and REPORT.md, from each point's seed summaries."""
     rows, point_rows = sweep_rows(config, groups)
-    names = swept_names(config)
+    names, metrics = swept_names(config), sweep_metrics(groups)
     write_json(
         run_dir / "summary.json",
         {
@@ -2058,7 +2064,7 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     )
     for file, table in (("sweep.csv", rows), ("sweep_points.csv", point_rows)):
         atomic_write(run_dir / file, lambda f, t=table: f.write(history_csv(t, True).encode()))
-    plot_sweep(run_dir / "figures", names, point_rows)
+    plot_sweep(run_dir / "figures", names, metrics, point_rows)
     seeds = replica_seeds(config)
     lines = [
         f"# Sweep report: {run_dir.name}",
@@ -2072,8 +2078,8 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
         + (", mean ± sample std over the seeds" if len(seeds) > 1 else "")
         + "; the last column is label-free, the one to choose a point by.",
         "",
-        "| " + " | ".join([*(configs.flag(n) for n in names), *SWEEP_METRICS.values()]) + " |",
-        "|" + "---|" * (len(names) + len(SWEEP_METRICS)),
+        "| " + " | ".join([*(configs.flag(n) for n in names), *metrics.values()]) + " |",
+        "|" + "---|" * (len(names) + len(metrics)),
     ]
     for row in point_rows:
         cells = [
@@ -2083,7 +2089,7 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
         cells += [
             number(row[f"{name}_mean"], ".3f")
             + (f" ± {number(row[f'{name}_std'], '.3f')}" if len(seeds) > 1 else "")
-            for name in SWEEP_METRICS
+            for name in metrics
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -2099,7 +2105,7 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     print(f"report ({len(point_rows)} sweep points): {run_dir / 'REPORT.md'}")
 
 
-def plot_sweep(fig_dir: Path, names: list[str], point_rows: list[dict]) -> None:
+def plot_sweep(fig_dir: Path, names: list[str], metrics: dict, point_rows: list[dict]) -> None:
     """figures/sweep.png: each metric (mean +- std over seeds) against the first swept value, or
     against M / sigma when both are swept; one line per value of the other swept names."""
     fig_dir.mkdir(exist_ok=True)
@@ -2113,8 +2119,10 @@ def plot_sweep(fig_dir: Path, names: list[str], point_rows: list[dict]) -> None:
     series = {}
     for row in point_rows:
         series.setdefault(tuple(row[n] for n in others), []).append(row)
-    fig, axes = plt.subplots(2, 4, figsize=(13, 6), sharex=True)
-    for ax, (name, label) in zip(axes.flat, SWEEP_METRICS.items(), strict=True):
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, (name, label) in zip(axes.flat, metrics.items(), strict=False):
         for values, points in series.items():
             points = sorted(points, key=x_of)
             ax.errorbar(
@@ -2129,10 +2137,9 @@ def plot_sweep(fig_dir: Path, names: list[str], point_rows: list[dict]) -> None:
                 or None,
             )
         ax.set_title(label)
+        ax.set_xlabel(x_name)
         ax.set_ylabel("nats" if "ELBO" in label or "NLL" in label else label)
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel(x_name)
     if others:
         axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -2147,10 +2154,10 @@ def config_from_json(saved: dict) -> Config:
 def reevaluate(config: Config) -> Path:
     """--eval-only --checkpoint RUN_DIR: evaluate the saved best model(s) again (with this call's
     --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training. A
-    --seeds run is re-evaluated seed by seed, then its mean +- std report is rewritten."""
+    --seeds run or a sweep is re-evaluated seed by seed, then its mean +- std and sweep reports
+    are rewritten."""
     run_dir = Path(config.checkpoint)
-    evaluated = [*run_dir.glob("checkpoint.eqx"), *run_dir.glob("seed_*/checkpoint.eqx")]
-    if (run_dir / STATE_FILE).is_file() and not evaluated:
+    if (run_dir / STATE_FILE).is_file() and not any(run_dir.rglob("checkpoint.eqx")):
         raise ConfigError(
             f"--checkpoint={str(run_dir)!r} is not allowed: the run stopped before its evaluation "
             f"({STATE_FILE} holds epoch {saved_epoch(run_dir)}); continue it with: python train.py "
@@ -2160,13 +2167,12 @@ def reevaluate(config: Config) -> Path:
         saved = config_from_json(json.loads((run_dir / "config.json").read_text()))
     except (OSError, TypeError, ValueError):
         saved = None  # reevaluate_run names what is missing
-    if saved is None or len(saved.seeds) <= 1:
+    if saved is None:
         reevaluate_run(run_dir, config)
         return run_dir
-    summaries = [reevaluate_run(run_dir / f"seed_{seed}", config) for seed in saved.seeds]
-    write_seeds_report(
-        run_dir, dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples), summaries
-    )
+    saved = dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples)
+    summaries = [reevaluate_run(directory, config) for directory in seed_dirs(run_dir, saved)]
+    write_group_reports(run_dir, saved, summaries)
     return run_dir
 
 
