@@ -5,6 +5,7 @@ analytic FLOPs of one train step and the achieved fraction of this machine's f32
     python bench.py --cases quick quick-top2 --seeds 0 --no-usage-line
     python bench.py --cases --seeds 5   # only: 5 seeds in one run vs 5 runs one after another
     python bench.py --cases --seeds 0 --no-usage-line --sweep   # only: a sweep vs separate runs
+    python bench.py --results digits mnist   # only: the README's results tables, five seeds each
 
 Cases: the default config (digits), the `quick` preset (the seed's quick experiment: K 20, D 2,
 separate decoders), the `mnist` preset (shared z, FiLM decoder, consistency views), the quick
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -293,6 +295,69 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
     return {"runs": runs, "epochs": epochs, "sweep": swept, "separate": separate}
 
 
+# The results tables' rows: the c-regularizer, each with and without the routing consistency,
+# and K = 1 (the same networks as a plain VAE). The dataset's base flags come first.
+RESULT_BASE = {"digits": [], "mnist": ["--preset", "mnist"]}
+CONSISTENCY = {  # routing consistency on, per dataset (the mnist preset has it on already)
+    "digits": ["--consistency-weight", "20", "--augment-strength", "0.6"],
+    "mnist": [],
+}
+NO_CONSISTENCY = ["--consistency-weight", "0"]
+RESULT_METRICS = ("cluster_accuracy", "nmi", "ari", "responsibility_confidence", "iw_nll")
+
+
+def result_rows(dataset: str) -> dict[str, list[str]]:
+    """Row name -> train.py flags (after the dataset's base flags)."""
+    rows = {}
+    for regularizer in ("logit_mog", "categorical", "both"):
+        for consistency, flags in (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[dataset])):
+            rows[regularizer + consistency] = ["--c-regularizer", regularizer, *flags]
+    rows["K = 1 (plain VAE)"] = ["--num-components", "1", *NO_CONSISTENCY]
+    return rows
+
+
+def results_tables(dataset: str, seeds: list[int], out_dir: str) -> dict:
+    """Every row of result_rows as one `train.py --seeds ...` process; mean +- sample std over
+    the seeds of each test metric and the whole process's wall time; writes results-<dataset>.md
+    and .json into out_dir (the README's results tables)."""
+    os.makedirs(out_dir, exist_ok=True)
+    seed_flags = ["--seeds", *map(str, seeds)]
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, flags) in enumerate(result_rows(dataset).items()):
+            args = [*RESULT_BASE[dataset], *flags, *seed_flags, "--out-dir", f"{tmp}/{i}"]
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "train.py", *args], check=True, capture_output=True)
+            wall = time.perf_counter() - start
+            summary = json.load(open(f"{tmp}/{i}/summary.json"))
+            table[name] = {
+                "command": "python train.py " + " ".join(args[:-2]),
+                **{metric: summary["evaluation"][metric] for metric in RESULT_METRICS},
+                "wall_sec": wall,
+            }
+            print(f"{name}: {table[name]}", flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.default_backend()}"
+    result = {"dataset": dataset, "seeds": seeds, "machine": machine, "rows": table}
+    columns = ["accuracy", "NMI", "ARI", "confidence", "IW-NLL"]
+    lines = [
+        f"Test split, best model per seed; mean ± sample std over seeds "
+        f"{', '.join(map(str, seeds))} (one `--seeds` process per row; {machine}).",
+        "",
+        "| run | " + " | ".join(columns) + " | wall |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, row in table.items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in RESULT_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['wall_sec']:.0f} s |")
+    lines += ["", "Commands (`--out-dir` aside):", ""]
+    lines += [f"- {name}: `{row['command']}`" for name, row in table.items()]
+    with open(os.path.join(out_dir, f"results-{dataset}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, f"results-{dataset}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
@@ -309,7 +374,19 @@ def main() -> None:
         help="also time a 4 x 2 prior grid x 3 seeds as one --sweep against 24 separate runs",
     )
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        choices=["digits", "mnist"],
+        help="only: regenerate the README's results tables on these datasets (five seeds each)",
+    )
+    parser.add_argument("--results-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--results-dir", default="results")
     args = parser.parse_args()
+    if args.results:
+        for dataset in args.results:
+            results_tables(dataset, args.results_seeds, args.results_dir)
+        return
     if args.one:
         print(json.dumps(run_case(args.one)))
         return

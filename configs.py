@@ -79,8 +79,21 @@ class Config:
     split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
     devices: int | None = None
-    """Data-parallel devices: each batch is sharded over this many local devices (SPMD,
-    parameters replicated); unset: all local devices. --batch-size must divide by it."""
+    """Data-parallel devices: each batch is sharded over this many devices (SPMD, parameters
+    replicated); unset: all of them (this process's, or every process's with --distributed).
+    --batch-size must divide by it."""
+    distributed: bool = False
+    """Join a multi-process run (several hosts, or several processes on one): each process runs
+    the same command with its own --process-id, jax.distributed connects them, and each batch is
+    sharded over every process's devices. Process 0 alone writes the run directory. Unset
+    --coordinator-address, --num-processes and --process-id are read from the environment
+    (SLURM, Open MPI, Kubernetes and Cloud TPU are detected; JAX_COORDINATOR_ADDRESS)."""
+    coordinator_address: str | None = None
+    """With --distributed: host:port of process 0, where the others connect."""
+    num_processes: int | None = None
+    """With --distributed: the number of processes."""
+    process_id: int | None = None
+    """With --distributed: this process's id, 0 .. --num-processes - 1."""
 
     # --- data ------------------------------------------------------------------------
     dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
@@ -368,6 +381,12 @@ def validate(config: Config) -> Config:
         ),
         ("devices", c.devices is None or c.devices >= 1, "an integer >= 1 (or unset)"),
         ("restarts", c.restarts >= 1, "an integer >= 1"),
+        ("num_processes", c.num_processes is None or c.num_processes >= 1, "an integer >= 1"),
+        (
+            "process_id",
+            c.process_id is None or 0 <= c.process_id < (c.num_processes or c.process_id + 1),
+            f"in [0, --num-processes={c.num_processes})",
+        ),
         ("restarts", c.restarts == 1 or not c.curriculum, "1 with --curriculum"),
         (
             "devices",
@@ -386,6 +405,10 @@ def validate(config: Config) -> Config:
         ("kick_temperature", c.kick_temperature > 0, "> 0"),
         ("kick_prior_scale", c.kick_prior_scale >= 0, ">= 0"),
     ]
+    process_flags = ("coordinator_address", "num_processes", "process_id")
+    for name in process_flags:
+        if getattr(c, name) is not None and not c.distributed:
+            raise ConfigError(f"{flag(name)} is not allowed without --distributed")
     if c.eval_only and c.checkpoint is None:
         raise ConfigError("--eval-only needs --checkpoint RUN_DIR, the run directory to evaluate")
     if c.data_dir is not None and c.dataset == "digits":

@@ -798,15 +798,17 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
     )
 
 
-def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
-    """The total loss (batch mean) and its metrics, from the per-example terms.
+def loss_terms(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
+    """The summands of the loss L (batch means), each as it enters L; L is their sum:
 
-    L = sum_k s_k l(x, x_hat_k) + beta_z KL_z
-        + a w_cat KL(r || pi)                  (categorical, both)
-        + a lambda (-log p_mix(y(x)))          (logit_mog, both)
-        + w_dir (-(alpha - 1) sum_k log pi_k)  (alpha set)
-        + w_div H(mean_batch r)
-        + w_cons (KL(r || r_aug) + KL(r_aug || r)) / 2   (r_aug: routing of a warped x)
+    reconstruction  sum_k s_k l(x, x_hat_k)
+    kl_z            beta_z KL_z
+    kl_c            a w_cat KL(r || pi)                       (categorical, both; else 0)
+    logit_mog       a lambda (-log p_mix(y(x)))               (logit_mog, both; else 0)
+    dirichlet       w_dir (-(alpha - 1) sum_k log pi_k)       (alpha set; else 0)
+    diversity       w_div H(mean_batch r)
+    consistency     w_cons (KL(r || r_aug) + KL(r_aug || r)) / 2   (r_aug: routing of a warped x)
+
     KL_z sums over the active channels (decentralized) or is the one shared KL. The logit-MoG
     term is scaled by the schedule's prior_scale, and is zero while |A| = 1: with one open
     channel there is nothing to choose, and the term would only push that one logit up.
@@ -814,68 +816,90 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
     mask = sched.active_mask
     pi = mixture_weights(model, mask)
     r = terms.responsibilities
-    kl_z_per_channel = terms.kl_z if terms.kl_z.ndim == 2 else None
-    kl_z = terms.kl_z if kl_z_per_channel is None else jnp.sum(jnp.where(mask, terms.kl_z, 0.0), -1)
-    reconstruction = jnp.mean(jnp.sum(terms.weights * terms.nll, axis=-1))
-    kl_c = jnp.mean(categorical_kl(r, pi, mask))
     uses_categorical = objective.c_regularizer in ("categorical", "both")
     uses_logit_mog = objective.c_regularizer in ("logit_mog", "both")
-    kl_c_term = sched.kl_c_scale * objective.kl_c_weight * kl_c if uses_categorical else 0.0
+    zero = jnp.zeros(())
+    k_active = jnp.sum(mask).astype(jnp.float32)
+    logit_mog_scale = sched.kl_c_scale * objective.prior_weight * sched.prior_scale * (k_active > 1)
     neg_log_prior = -logit_mog_log_prior(
         terms.logits, mean=objective.prior_mean, sigma=objective.prior_sigma, active_mask=mask
     )
-    k_active = jnp.sum(mask).astype(jnp.float32)
-    logit_mog_scale = sched.kl_c_scale * objective.prior_weight * sched.prior_scale * (k_active > 1)
-    logit_mog_term = logit_mog_scale * jnp.mean(neg_log_prior) if uses_logit_mog else jnp.zeros(())
-    dirichlet_term = (
-        objective.dirichlet_weight * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
+    return {
+        "reconstruction": jnp.mean(jnp.sum(terms.weights * terms.nll, axis=-1)),
+        "kl_z": objective.beta_z * jnp.mean(summed_kl_z(terms.kl_z, mask)),
+        "kl_c": sched.kl_c_scale * objective.kl_c_weight * jnp.mean(categorical_kl(r, pi, mask))
+        if uses_categorical
+        else zero,
+        "logit_mog": logit_mog_scale * jnp.mean(neg_log_prior) if uses_logit_mog else zero,
+        "dirichlet": objective.dirichlet_weight
+        * dirichlet_penalty(pi, objective.dirichlet_alpha, mask)
         if objective.dirichlet_alpha is not None
-        else jnp.zeros(())
-    )
+        else zero,
+        "diversity": objective.diversity_weight * entropy(jnp.mean(r, axis=0)),
+        "consistency": objective.consistency_weight * jnp.mean(terms.consistency),
+    }
+
+
+def summed_kl_z(kl_z, mask):
+    """KL_z per example: the shared layout's one KL [B], or the sum over the active channels of
+    the per-channel KLs [B, K]."""
+    return kl_z if kl_z.ndim == 1 else jnp.sum(jnp.where(mask, kl_z, 0.0), axis=-1)
+
+
+def neg_elbo(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
+    """-ELBO of the mixture posterior q(c|x) = r, batch mean:
+    E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi); with top_m, E_r over the decoded channels."""
+    mask = sched.active_mask
+    r = terms.responsibilities
+    r_decoded = r if objective.top_m is None else restrict(r, terms.decoded)
+    expected_kl_z = terms.kl_z if terms.kl_z.ndim == 1 else jnp.sum(r * terms.kl_z, axis=-1)
+    kl_c = categorical_kl(r, mixture_weights(model, mask), mask)
+    return jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z + kl_c)
+
+
+def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
+    """The loss L (the sum of loss_terms, batch mean) and the metrics of METRICS."""
+    mask = sched.active_mask
+    pi = mixture_weights(model, mask)
+    r = terms.responsibilities
+    summands = loss_terms(model, terms, sched, objective)
+    loss = sum(summands.values())
     usage = jnp.mean(r, axis=0)
-    diversity = entropy(usage)
-    consistency = jnp.mean(terms.consistency)
-    loss = (
-        reconstruction
-        + objective.beta_z * jnp.mean(kl_z)
-        + kl_c_term
-        + logit_mog_term
-        + objective.consistency_weight * consistency
-        + dirichlet_term
-        + objective.diversity_weight * diversity
-    )
-    # -ELBO of the mixture posterior q(c|x) = r: E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi).
-    expected_kl_z = kl_z if kl_z_per_channel is None else jnp.sum(r * kl_z_per_channel, axis=-1)
-    r_decoded = (
-        r if objective.top_m is None else restrict(r, terms.decoded)
-    )  # top_m: E_r over decoded channels
-    neg_elbo = jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z) + kl_c
     k_eff, active_components = usage_stats(usage)
     metrics = {
         "loss": loss,
-        "reconstruction_loss": reconstruction,
-        "kl_z": jnp.mean(kl_z),
-        "kl_c": kl_c,
-        "kl_c_logit_mog": logit_mog_term,
-        "consistency": consistency,
-        "dirichlet_penalty": dirichlet_term,
-        "component_diversity": diversity,
+        **{f"loss_{name}": value for name, value in summands.items()},
+        "neg_elbo": neg_elbo(model, terms, sched, objective),
+        "reconstruction_loss": summands["reconstruction"],
+        "kl_z": jnp.mean(summed_kl_z(terms.kl_z, mask)),
+        "kl_c": jnp.mean(categorical_kl(r, pi, mask)),
+        "kl_c_logit_mog": summands["logit_mog"],
+        "consistency": jnp.mean(terms.consistency),
+        "dirichlet_penalty": summands["dirichlet"],
+        "component_diversity": entropy(usage),
         "component_entropy": jnp.mean(entropy(r)),
         "responsibility_confidence": jnp.mean(jnp.max(r, axis=-1)),
         "k_eff": k_eff,
         "active_components": active_components,
         "pi_entropy": entropy(pi),
-        "neg_elbo": neg_elbo,
         "kl_c_scale": sched.kl_c_scale,
         "gumbel_temperature": sched.temperature,
-        "k_active": k_active,
+        "k_active": jnp.sum(mask).astype(jnp.float32),
         "usage": usage,
     }
     return loss, metrics
 
 
 METRICS = {
-    "loss": "total objective L (minimised)",
+    "loss": "total objective L (minimised), the sum of the loss_* terms",
+    "loss_reconstruction": "sum_k s_k (-log p(x | x_hat_k)), as added to L",
+    "loss_kl_z": "beta_z KL_z, as added to L",
+    "loss_kl_c": "a(e) w_cat KL(r || pi), as added to L",
+    "loss_logit_mog": "a(e) lambda (-log p_mix(y(x))), as added to L",
+    "loss_dirichlet": "w_dir (-(alpha - 1) sum_k log pi_k), as added to L",
+    "loss_diversity": "w_div H(E_batch r), as added to L (< 0 for w_div < 0)",
+    "loss_consistency": "w_cons symmetric KL(r(x), r(warped x)), as added to L",
+    "neg_elbo": "-ELBO with q(c|x) = r, nats per example",
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
@@ -889,7 +913,6 @@ METRICS = {
     "k_eff": "exp H(p_hat), p_hat = E_x r: effective number of channels used",
     "active_components": "#channels with p_hat_k > 1e-3",
     "pi_entropy": "H(pi)",
-    "neg_elbo": "-ELBO with q(c|x) = r, nats per example",
     "kl_c_scale": "annealing factor a(e) of both c-terms",
     "gumbel_temperature": "router temperature tau",
     "k_active": "|A|, number of open channels",

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -467,6 +468,29 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
     np.testing.assert_allclose(
         both["loss"], rest(both) + 0.25 * 3.0 * both["kl_c"] + both["kl_c_logit_mog"], rtol=1e-6
     )
+    every = mixvae.Objective(
+        c_regularizer="both",
+        kl_c_weight=3.0,
+        beta_z=0.5,
+        dirichlet_alpha=2.0,
+        dirichlet_weight=0.3,
+        diversity_weight=-2.0,
+        consistency_weight=4.0,
+    )
+    _, m = mixvae.loss_fn(model, TINY_BATCH, jax.random.key(1), sched, every)
+    weighted = {
+        "reconstruction": m["reconstruction_loss"],
+        "kl_z": 0.5 * m["kl_z"],
+        "kl_c": 0.25 * 3.0 * m["kl_c"],
+        "logit_mog": m["kl_c_logit_mog"],
+        "dirichlet": m["dirichlet_penalty"],
+        "diversity": -2.0 * m["component_diversity"],
+        "consistency": 4.0 * m["consistency"],
+    }
+    for name, value in weighted.items():  # each summand as it enters L, and L their sum
+        np.testing.assert_allclose(m[f"loss_{name}"], value, rtol=1e-6, err_msg=name)
+        assert float(value) != 0.0, name
+    np.testing.assert_allclose(m["loss"], sum(weighted.values()), rtol=1e-6)
 
 
 def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
@@ -702,7 +726,17 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         assert 0 <= summary["evaluation"][name] < np.inf, name
     assert summary["dataset"]["name"] == "digits"
     assert json.loads((out / "config.json").read_text())["c_regularizer"] == "both"
-    assert "kl_c_logit_mog" in (out / "REPORT.md").read_text()
+    report = (out / "REPORT.md").read_text()
+    assert "kl_c_logit_mog" in report
+    assert report.splitlines()[2].startswith("**What happened:** finished all 2 epochs; the model")
+    assert "anneals of a(e) and tau(e) never ended" in report.splitlines()[2]
+    decomposition = report.split("## The objective, term by term")[1].split("## Training metrics")[
+        0
+    ]
+    for name in ["loss_reconstruction", "loss_kl_c", "loss_logit_mog", "loss_diversity", "loss"]:
+        assert f"| `{name}` |" in decomposition, name
+    evaluation = report.split("## Evaluation")[1].split("##")[0]
+    assert "`loss_kl_z`" not in evaluation and "`kl_c_scale`" not in evaluation
     restored = eqx.tree_deserialise_leaves(
         out / "checkpoint.eqx",
         train.build_model(
@@ -714,6 +748,22 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         ),
     )
     assert restored.decoders.network.layers[0].weight.shape[0] == 4
+
+
+def test_channel_order_is_hungarian_with_empty_channels_left_out():
+    contingency = np.array(  # [channel, label]
+        [
+            [0, 9, 1],  # -> label 1
+            [0, 0, 0],  # empty
+            [8, 0, 0],  # -> label 0
+            [5, 1, 0],  # unmatched, majority label 0
+            [0, 0, 7],  # -> label 2
+        ]
+    )
+    order, matched = train.channel_order(contingency)
+    assert order == [2, 0, 4, 3] and matched == {0: 1, 2: 0, 4: 2}
+    assert train.empty_note([1]) == "channel 1 received no test image"
+    assert train.empty_note(list(range(20))) == "20 channels received no test image"
 
 
 def test_clustering_scores_against_hand_computed_values():
@@ -1119,6 +1169,7 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
         assert summary["evaluation"][name]["std"] == pytest.approx(np.std(values, ddof=1))
     report = (seeds_dir / "REPORT.md").read_text()
     assert "mean ± std" in report and "seed_3/REPORT.md" in report
+    assert (seeds_dir / "figures" / "seeds.png").is_file() and "figures/seeds.png" in report
     (seeds_dir / "summary.json").unlink()
     assert train.main(["--eval-only", "--checkpoint", str(seeds_dir)]) == 0
     assert (
@@ -1258,6 +1309,72 @@ def test_four_devices_give_the_losses_of_one_device():
     one, four = np.array(losses["1"]), np.array(losses["4"])
     assert one.shape == (4, 3)  # 2 seeds x 2 epochs
     np.testing.assert_allclose(four, one, rtol=1e-5)
+
+
+def launch(args, devices, tmp_path, processes=1, timeout=240):
+    """train.py as `processes` processes (--distributed, a localhost coordinator) of `devices`
+    forced host devices each -> [(returncode, stdout, stderr)]; scratch files in tmp_path."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path / "scratch")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    (tmp_path / "scratch").mkdir(exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    distributed = ["--distributed", "--coordinator-address", f"localhost:{port}"]
+    commands = [
+        [*distributed, "--num-processes", str(processes), "--process-id", str(i)]
+        if processes > 1
+        else []
+        for i in range(processes)
+    ]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "train.py", *command, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    try:
+        outputs = [child.communicate(timeout=timeout) for child in children]
+    finally:
+        for child in children:
+            child.kill()
+    return [(child.returncode, *output) for child, output in zip(children, outputs, strict=True)]
+
+
+def test_two_processes_train_as_one_four_device_run_with_one_writer(tmp_path):
+    """jax.distributed over two local processes x 2 CPU devices (gloo): the losses of one
+    process with 4 devices, one run directory written by process 0, resume, and a refusal that
+    stops both processes with the same line."""
+    flags = [*SMALL_RUN, "--batch-size", "64", "--seeds", "0", "1"]
+    run = tmp_path / "run"
+    first, then = ["--out-dir", str(run), "--epochs", "1", *flags], ["--resume", str(run)]
+    for args in (first, [*then, "--epochs", "2"]):
+        for code, _, stderr in launch(args, 2, tmp_path, processes=2):
+            assert code == 0, stderr[-2000:]
+    [(code, _, stderr)] = launch(
+        ["--out-dir", str(tmp_path / "one"), "--epochs", "2", *flags], 4, tmp_path
+    )
+    assert code == 0, stderr[-2000:]
+    for seed in (0, 1):
+        two, one = (metrics_of(read_history(d / f"seed_{seed}")) for d in (run, tmp_path / "one"))
+        assert [row["epoch"] for row in two] == ["1", "2"]
+        for name in ("loss", "val_loss", "val_neg_elbo", "grad_norm"):
+            np.testing.assert_allclose(
+                [float(row[name]) for row in two], [float(row[name]) for row in one], rtol=1e-5
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run", "scratch"]
+    assert not list((tmp_path / "scratch").iterdir())  # process 1's scratch copies are gone
+    refused = launch(first, 2, tmp_path, processes=2)
+    lines = [
+        [ln for ln in stderr.splitlines() if ln.startswith("error:")] for _, _, stderr in refused
+    ]
+    assert [code for code, _, _ in refused] == [2, 2]
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and "--out-dir" in lines[0][0]
 
 
 # Nothing lost: checkpoints, resume, signals, divergence, hostile input

@@ -15,6 +15,7 @@ import time
 IMPORTS_START = time.perf_counter()  # the imports below (JAX, matplotlib, ...) are timed
 
 import argparse
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -24,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -43,6 +45,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import tyro
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
@@ -410,8 +413,11 @@ def data_mesh(config: Config) -> Mesh:
 
 
 def put(tree, sharding):
-    """device_put the arrays of a pytree (an Equinox module, say) with `sharding`."""
+    """device_put the arrays of a pytree (an Equinox module, say) with `sharding`; onto other
+    processes' devices too (--distributed), from host memory, every process holding the same."""
     arrays, static = eqx.partition(tree, eqx.is_array)
+    if not sharding.is_fully_addressable:
+        arrays = jax.device_get(arrays)
     return eqx.combine(jax.device_put(arrays, sharding), static)
 
 
@@ -713,12 +719,8 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
             header = read_state_header(f)
             # what may change between a run and its resumption: where it lives, how long it runs
             may_change = (
-                "out_dir",
-                "name",
-                "overwrite",
-                "epochs",
-                "checkpoint_every",
-                "eval_iw_samples",
+                *("out_dir", "name", "overwrite", "epochs", "checkpoint_every"),
+                *("eval_iw_samples", *PROCESS_FLAGS),
             )
             saved = dataclasses.replace(
                 config_from_json(header["config"]),
@@ -848,7 +850,7 @@ def train(
         put(tree, replicated)
         for tree in (state.models, state.opt_states, state.best_models, replica_objective(config))
     )
-    state.keys = jax.device_put(state.keys, replicated)
+    state.keys = jax.random.wrap_key_data(put(jax.random.key_data(state.keys), replicated))
     train_images = jax.device_put(data.train.images, replicated)
     val_images = jax.device_put(data.val.images, replicated)
     num_train, batch_size = len(data.train.images), config.batch_size
@@ -1116,9 +1118,11 @@ RUN_FILES = {
     *("sweep.csv", "sweep_points.csv"),
     *("checkpoint.eqx", "checkpoint.json", STATE_FILE),
 }
+PROCESS_FLAGS = {"distributed", "coordinator_address", "num_processes", "process_id"}
 NOT_IN_RUN_NAME = {  # where and how a run is kept, not what it trains
     *("preset", "name", "out_dir", "overwrite", "resume", "checkpoint", "eval_only"),
     *("validate_only", "checkpoint_every", "data_dir", "devices", "eval_iw_samples"),
+    *PROCESS_FLAGS,
 }
 
 
@@ -1322,8 +1326,9 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
 # --------------------------------------------------------------------------------------
 
 
-def image_grid(ax, tiles, side: int, title: str) -> None:
-    """Draw tiles [rows, columns, side * side] (NaN: empty) as one picture, one row per channel."""
+def image_grid(ax, tiles, side: int, title: str, labels) -> None:
+    """Draw tiles [rows, columns, side * side] (NaN: empty) as one picture, one row per channel,
+    each row labelled."""
     rows, columns = tiles.shape[:2]
     padded = np.pad(
         tiles.reshape(rows, columns, side, side),
@@ -1332,9 +1337,7 @@ def image_grid(ax, tiles, side: int, title: str) -> None:
     )
     canvas = padded.transpose(0, 2, 1, 3).reshape(rows * (side + 1), columns * (side + 1))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(
-        (np.arange(rows) + 0.5) * (side + 1) - 1, labels=[str(k) for k in range(rows)], fontsize=7
-    )
+    ax.set_yticks((np.arange(rows) + 0.5) * (side + 1) - 1, labels=labels, fontsize=7)
     ax.set_xticks([])
     ax.set_ylabel("channel")
     ax.set_title(title, fontsize=9)
@@ -1392,13 +1395,64 @@ def posterior_means(model, images):
     return jax.vmap(model.encoder)(mixvae.to_unit_interval(images))[1]
 
 
+UNITS = {
+    "responsibility_confidence": "probability",
+    "component_entropy": "nats",
+    "k_eff": "channels",
+}
+MAX_CHANNEL_ROWS = 24  # image figures show at most this many channels (the most used)
+
+
+def plot_curves(ax, series: dict[str, tuple[list, list]], title: str, ylabel: str) -> None:
+    """One panel: each named (epochs, values) series, with a legend and a light grid."""
+    for label, (epochs, values) in series.items():
+        ax.plot(epochs, values, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def panel_grid(count: int, columns: int = 3, width: float = 3.7, height: float = 2.8):
+    """A figure of `count` panels, `columns` to a row (unused panels hidden)."""
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes.flat[:count]
+
+
+def channel_order(contingency) -> tuple[list[int], dict[int, int]]:
+    """The channels that received a test image, in Hungarian order (those matched to a label,
+    by label; then the unmatched, by their majority label), and the matching {channel: label}."""
+    rows, cols = linear_sum_assignment(contingency, maximize=True)
+    used = contingency.sum(axis=1) > 0
+    matched = {int(k): int(label) for k, label in zip(rows, cols, strict=True) if used[k]}
+    order = sorted(matched, key=matched.get)
+    unmatched = [k for k in np.flatnonzero(used) if k not in matched]
+    return order + sorted(unmatched, key=lambda k: contingency[k].argmax()), matched
+
+
+def empty_note(empty: list[int]) -> str:
+    """'channels 3, 7 received no test image' (or how many, when there are many)."""
+    if not empty:
+        return "every channel received a test image"
+    if len(empty) <= 12:
+        return (
+            f"channel{'s' * (len(empty) > 1)} {', '.join(map(str, empty))} received no test image"
+        )
+    return f"{len(empty)} channels received no test image"
+
+
 def plot_figures(
     fig_dir: Path, config: Config, data: Dataset, result: TrainResult, responsibilities, usage, key
 ):
-    """Write the PNG figures; returns {file name: caption}."""
+    """Write the PNG figures; returns {file name: caption}. Panels in grids with y-axis units and
+    a legend each; channel figures in Hungarian order, listing the channels that received no
+    test image rather than drawing empty rows, sized by K (at most MAX_CHANNEL_ROWS image rows)."""
     model, history, curriculum = result.model, result.history, result.curriculum
-    matplotlib.use("Agg")
-
     figures = {}
     fig_dir.mkdir(exist_ok=True)
     epochs = [row["epoch"] for row in history]
@@ -1410,60 +1464,84 @@ def plot_figures(
         plt.close(fig)
         figures[name] = caption
 
-    def train_vs_val(metrics, name, caption):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
-        for ax, metric in zip(axes, metrics, strict=True):
-            ax.plot(epochs, [row[metric] for row in history], label="train")
-            ax.plot(epochs, [row[f"val_{metric}"] for row in history], label="val")
-            ax.set_title(metric)
-            ax.set_xlabel("epoch")
-        axes[0].legend()
-        save(fig, name, caption)
+    def train_and_val(metric):
+        return {
+            "train": (epochs, [row[metric] for row in history]),
+            "val": (epochs, [row[f"val_{metric}"] for row in history]),
+        }
 
-    train_vs_val(
-        ["loss", "reconstruction_loss", "kl_z", "kl_c", "kl_c_logit_mog"],
+    terms = [
+        name
+        for name in mixvae.METRICS
+        if name.startswith("loss_") and any(row[name] or row[f"val_{name}"] for row in history)
+    ]
+    fig, axes = panel_grid(2 + len(terms))
+    plot_curves(axes[0], train_and_val("loss"), "loss L = the sum of the terms", "nats")
+    plot_curves(axes[1], train_and_val("neg_elbo"), "-ELBO", "nats per example")
+    for ax, name in zip(axes[2:], terms, strict=True):
+        plot_curves(ax, train_and_val(name), f"term {name[5:]} (weighted)", "nats")
+    save(
+        fig,
         "loss_curves.png",
-        "Loss and each term, train vs validation",
+        "The loss, the -ELBO and each nonzero term of the loss as it enters it (weighted), "
+        "train vs validation",
     )
-    train_vs_val(
-        ["responsibility_confidence", "component_entropy", "k_eff"],
-        "routing.png",
-        "Routing peakiness over training: E[max r], E[H(r)], k_eff",
-    )
+    fig, axes = panel_grid(3)
+    for ax, name in zip(axes, UNITS, strict=True):
+        plot_curves(ax, train_and_val(name), name, UNITS[name])
+    save(fig, "routing.png", "Routing peakiness over training: E[max r], E[H(r)], k_eff")
 
     num_components = config.num_components
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * num_components), 3))
-    ax.bar(np.arange(num_components), usage)
-    ax.set_xlabel("channel")
-    ax.set_ylabel("p_hat = E_x r")
-    ax.set_xticks(np.arange(num_components))
-    save(fig, "usage.png", "Channel usage on the test split")
-
     channels = responsibilities.argmax(-1)
+    counts = np.bincount(channels, minlength=num_components)
+    step = max(1, num_components // 16)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(min(12, 4 + 0.15 * num_components), 5), sharex=True
+    )
+    for ax, values, uniform, ylabel in (
+        (top, counts, len(channels) / num_components, "test images (argmax r)"),
+        (bottom, usage, 1 / num_components, "E_x r"),
+    ):
+        ax.bar(np.arange(num_components), values)
+        ax.axhline(uniform, color="tab:red", ls="--", lw=1, label="uniform")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    top.set_title(
+        f"channel usage on the test split ({empty_note(list(np.flatnonzero(counts == 0)))})",
+        fontsize=9,
+    )
+    bottom.set_xlabel("channel")
+    bottom.set_xticks(np.arange(0, num_components, step))
+    save(fig, "usage.png", "Channel usage on the test split: argmax counts and mean responsibility")
+
     num_labels = int(data.test.labels.max()) + 1
     contingency = confusion_matrix(
         channels, data.test.labels, labels=np.arange(max(num_components, num_labels))
-    )
-    contingency = contingency[:num_components, :num_labels]
-    fig, ax = plt.subplots(figsize=(5.5, 0.3 * num_components + 1.5))
-    image = ax.imshow(contingency, cmap="Blues", aspect="auto")
-    for (k, label), count in np.ndenumerate(contingency):
+    )[:num_components, :num_labels]
+    order, matched = channel_order(contingency)
+    shown = contingency[order]
+    fig, ax = plt.subplots(figsize=(5.5 + 0.2 * num_labels, 0.3 * len(order) + 1.8))
+    image = ax.imshow(shown, cmap="Blues", aspect="auto")
+    for (row, label), count in np.ndenumerate(shown):
         if count:
-            ax.text(
-                label,
-                k,
-                str(count),
-                ha="center",
-                va="center",
-                fontsize=6,
-                color="white" if count > contingency.max() / 2 else "black",
-            )
+            color = "white" if count > shown.max() / 2 else "black"
+            ax.text(label, row, str(count), ha="center", va="center", fontsize=6, color=color)
     ax.set_xticks(np.arange(num_labels))
-    ax.set_yticks(np.arange(num_components))
+    ax.set_yticks(
+        np.arange(len(order)),
+        labels=[f"{k} → {matched[k]}" if k in matched else f"{k}" for k in order],
+        fontsize=7,
+    )
     ax.set_xlabel("true label")
-    ax.set_ylabel("channel (argmax r)")
+    ax.set_ylabel("channel → matched label")
+    empty = [k for k in range(num_components) if k not in order]
+    ax.set_title(f"Hungarian order; {empty_note(empty)}", fontsize=8)
     fig.colorbar(image, ax=ax, label="test images")
-    save(fig, "contingency.png", "Channel-by-label counts on the test split")
+    save(
+        fig,
+        "contingency.png",
+        "Channel-by-label counts on the test split, channels in Hungarian order",
+    )
 
     if curriculum is not None:
         plot_curriculum(history, curriculum, num_components, save)
@@ -1471,35 +1549,47 @@ def plot_figures(
     side = data.image_side
     num_pixels = side * side
     columns = 8
-    shown = [np.flatnonzero(channels == k)[:columns] for k in range(num_components)]
-    rows = np.concatenate(shown)  # only the images on the grid are decoded, padded to K x columns
-    rows = np.pad(rows, (0, num_components * columns - len(rows)))
+    busiest = set(sorted(order, key=lambda k: -counts[k])[:MAX_CHANNEL_ROWS])
+    rows_shown = [k for k in order if k in busiest]  # still in Hungarian order
+    members = [np.flatnonzero(channels == k)[:columns] for k in rows_shown]
+    picked = np.concatenate(members)  # only the images on the grid are decoded, padded
+    picked = np.pad(picked, (0, len(rows_shown) * columns - len(picked)))
     z = jax.random.normal(key, (num_components, columns, config.latent_dim))
-    decoded, samples = figure_decodes(model, jnp.asarray(data.test.images[rows]), z)
-    images = np.asarray(mixvae.to_unit_interval(data.test.images[rows]))
-    tiles = np.full((num_components, 2 * columns + 1, num_pixels), np.nan)  # a blank column between
+    decoded, samples = figure_decodes(model, jnp.asarray(data.test.images[picked]), z)
+    images = np.asarray(mixvae.to_unit_interval(data.test.images[picked]))
+    tiles = np.full((len(rows_shown), 2 * columns + 1, num_pixels), np.nan)  # blank column between
     start = 0
-    for k, members in enumerate(shown):
-        tiles[k, : len(members)] = images[start : start + len(members), :num_pixels]
-        tiles[k, columns + 1 : columns + 1 + len(members)] = decoded[
-            k, start : start + len(members)
+    for row, (k, routed) in enumerate(zip(rows_shown, members, strict=True)):
+        tiles[row, : len(routed)] = images[start : start + len(routed), :num_pixels]
+        tiles[row, columns + 1 : columns + 1 + len(routed)] = decoded[
+            k, start : start + len(routed)
         ]
-        start += len(members)
-    fig, ax = plt.subplots(figsize=(9, 0.5 * num_components + 0.8))
+        start += len(routed)
+    labels = [f"{k} ({counts[k]})" for k in rows_shown]
+    note = empty_note(empty) + (
+        f"; {len(order) - len(rows_shown)} less used channels not shown"
+        if len(order) > len(rows_shown)
+        else ""
+    )
+    height = 0.5 * len(rows_shown) + 1.0
+    fig, ax = plt.subplots(figsize=(9, height))
     image_grid(
         ax,
         tiles,
         side,
-        "test images routed to each channel (left), that channel's reconstructions (right)",
+        f"test images routed to each channel (left), its reconstructions (right)\n{note}",
+        labels,
     )
     save(
         fig,
         "reconstructions.png",
-        "One row per channel: test images routed to it, then its reconstructions",
+        "One row per channel (its test images in brackets): test images routed to it, then its "
+        "reconstructions",
     )
-
-    fig, ax = plt.subplots(figsize=(4.5, 0.5 * num_components + 0.8))
-    image_grid(ax, samples, side, "decoder means at z ~ N(0, I)")
+    fig, ax = plt.subplots(figsize=(4.8, height))
+    image_grid(
+        ax, np.asarray(samples)[rows_shown], side, f"decoder means at z ~ N(0, I)\n{note}", labels
+    )
     save(fig, "samples.png", "One row per channel: decoder means at z ~ N(0, I)")
 
     if config.latent_dim == 2:
@@ -1560,16 +1650,70 @@ def config_table(config: Config) -> list[str]:
 TRAINING_ONLY = ("kl_c_scale", "gumbel_temperature", "k_active", "consistency")
 
 
+def reported_metrics(evaluation: dict) -> list[str]:
+    """The evaluation metrics a report's table shows: the headline first, then the rest, without
+    the training-only ones, the loss's terms (in summary.json) and an unused Dirichlet term.
+    `evaluation` maps a name to a value, or to {mean, std} over seeds."""
+
+    def unused(value):
+        return value == 0 if not isinstance(value, dict) else value["mean"] == value["std"] == 0
+
+    rest = [
+        name
+        for name, value in evaluation.items()
+        if name not in HEADLINE
+        and name not in TRAINING_ONLY
+        and not name.startswith("loss_")
+        and not (name == "dirichlet_penalty" and unused(value))
+    ]
+    return [name for name in HEADLINE if name in evaluation] + rest
+
+
 def number(value: float, spec: str = ".4g") -> str:
     """value formatted by `spec`, never as a negative zero (-0.000 reads as 0.000)."""
     text = f"{value:{spec}}"
     return text.removeprefix("-") if float(text) == 0 else text
 
 
+def what_happened(config: Config, summary: dict) -> str:
+    """One line: how training ended, which epoch's model is evaluated and why, the headline test
+    metrics and the number of warnings."""
+    training, evaluation = summary["training"], summary["evaluation"]
+    done, best = training["epochs_completed"], training["best_epoch"]
+    status = summary.get("status", "finished")
+    if status != "finished":
+        ended = f"{status} ({summary['status_detail']})"
+    elif done < config.epochs:
+        ended = (
+            f"stopped early after epoch {done} (no better val {config.monitor} for "
+            f"{config.patience} epochs)"
+        )
+    else:
+        ended = f"finished all {done} epochs"
+    if anneals_done(config, best - 1):
+        why = f"the lowest val {config.monitor} once the anneals had ended"
+    else:
+        why = "the last epoch: the anneals of a(e) and tau(e) never ended"
+    metrics = [
+        f"test accuracy {number(evaluation['cluster_accuracy'], '.3f')}",
+        f"NMI {number(evaluation['nmi'], '.3f')}",
+    ]
+    if "iw_nll" in evaluation:
+        metrics.append(f"IW-NLL {number(evaluation['iw_nll'], '.2f')} nats")
+    warnings = len(summary.get("warnings", []))
+    return (
+        f"**What happened:** {ended}; the model of epoch {best} is evaluated ({why}); "
+        + ", ".join(metrics)
+        + f"; {warnings or 'no'} warning{'s' * (warnings != 1)}."
+    )
+
+
 def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str, str]) -> None:
     training = summary["training"]
     lines = [
         f"# Run report: {run_dir.name}",
+        "",
+        what_happened(config, summary),
         "",
         *[f"**Warning: {warning}.**\n" for warning in summary.get("warnings", [])],
         f"Objective: c-regularizer `{config.c_regularizer}`; "
@@ -1599,18 +1743,34 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
     ]
     lines += ["", "## Dataset", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["dataset"].items()]
+
+    def row(name, meaning):
+        return (
+            f"| `{name}` | {number(training[f'final_{name}'])} | "
+            f"{number(training[f'final_val_{name}'])} | {meaning.replace('|', '&#124;')} |"
+        )
+
+    terms = [name for name in mixvae.METRICS if name.startswith("loss_")]
     lines += [
         "",
-        "## Training (last epoch)",
+        "## The objective, term by term (last epoch)",
+        "",
+        "Each term as it enters the loss (weighted); `loss` is their sum. The -ELBO is what a "
+        "likelihood comparison uses; the loss also holds the usage and consistency terms.",
+        "",
+        "| term | train | val | meaning |",
+        "|---|---|---|---|",
+        *(row(name, mixvae.METRICS[name]) for name in [*terms, "loss", "neg_elbo"]),
+        "",
+        "## Training metrics (last epoch)",
         "",
         "| metric | train | val | meaning |",
         "|---|---|---|---|",
-    ]
-    lines += [
-        f"| `{name}` | {number(training[f'final_{name}'])} | "
-        f"{number(training[f'final_val_{name}'])} | "
-        f"{meaning.replace('|', '&#124;')} |"
-        for name, meaning in mixvae.METRICS.items()
+        *(
+            row(name, meaning)
+            for name, meaning in mixvae.METRICS.items()
+            if name not in terms and name not in ("loss", "neg_elbo")
+        ),
     ]
     lines += [
         "",
@@ -1619,10 +1779,12 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         "| metric | value |",
         "|---|---|",
     ]
+    evaluation = summary["evaluation"]
     lines += [
-        f"| `{k}` | {number(v)} |" if isinstance(v, float) else f"| `{k}` | {v} |"
-        for k, v in summary["evaluation"].items()
-        if k not in TRAINING_ONLY and not (k == "dirichlet_penalty" and v == 0)
+        f"| `{k}` | {number(evaluation[k])} |"
+        if isinstance(evaluation[k], float)
+        else f"| `{k}` | {evaluation[k]} |"
+        for k in reported_metrics(evaluation)
     ]
     if "curriculum" in summary:
         c = summary["curriculum"]
@@ -1677,7 +1839,7 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | Non
     print(f"would write the run to {where}/ (nothing trained, nothing written)")
 
 
-RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples"}
+RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples", *PROCESS_FLAGS}
 
 
 def resumed_config(config: Config, given: set[str]) -> Config:
@@ -1689,7 +1851,8 @@ def resumed_config(config: Config, given: set[str]) -> Config:
     if other:
         raise ConfigError(
             f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
-            "keeps its config.json; only --epochs, --checkpoint-every and --eval-iw-samples change"
+            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples and "
+            "the --distributed flags change"
         )
     try:
         saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
@@ -1751,12 +1914,14 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         with timed(timings, "initialisation"):
             state = load_state(run_dir, config, input_dim)
         check_resumable(run_dir, config, state, given)
+        if jax.process_index() > 0:  # read the run directory, write a scratch copy of it
+            shutil.copytree(run_dir, run_dir := scratch_dir(), dirs_exist_ok=True)
         write_json(run_dir / "config.json", dataclasses.asdict(config))
         print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
     else:
         with timed(timings, "initialisation"):
             state = initial_state(config, input_dim)
-        run_dir, replaced = claim_run_dir(config)
+        run_dir, replaced = claim_for_all_processes(config)
         for directory, point in zip(point_dirs(run_dir, config), sweep_points(config), strict=True):
             if config.sweep:  # each point a directory of its own, as a run of it writes it
                 directory.mkdir()
@@ -1828,6 +1993,55 @@ def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) ->
             write_seeds_report(directory, point, group)
     if config.sweep:
         write_sweep_report(run_dir, config, groups)
+
+
+def claim_for_all_processes(config: Config) -> tuple[Path, Path | None]:
+    """claim_run_dir, by process 0 alone in a --distributed run: the other processes write into
+    a private scratch directory (deleted at exit), and raise process 0's refusal, if any, as
+    their own."""
+    if jax.process_count() == 1:
+        return claim_run_dir(config)
+    claimed, refusal = (None, None), ""
+    if jax.process_index() == 0:
+        try:
+            claimed = claim_run_dir(config)
+        except ConfigError as error:
+            refusal = str(error)
+    refusal = text_from_process_zero(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    return claimed if jax.process_index() == 0 else (scratch_dir(), None)
+
+
+def scratch_dir() -> Path:
+    """A private directory for a process other than 0 to write into, deleted at exit."""
+    path = Path(tempfile.mkdtemp(prefix=f"mixvae-process{jax.process_index()}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def text_from_process_zero(text: str, size: int = 4096) -> str:
+    """Process 0's `text` on every process (a collective: every process calls it)."""
+    raw = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = multihost_utils.broadcast_one_to_all(raw)
+    return bytes(np.asarray(shared)).rstrip(b"\0").decode(errors="replace")
+
+
+def join_processes(config: Config) -> None:
+    """--distributed: connect this process to the others (jax.distributed, CPU collectives over
+    gloo); a process other than 0 prints nothing but errors."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            config.coordinator_address, config.num_processes, config.process_id
+        )
+    except (RuntimeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ConfigError(f"--distributed could not connect the processes: {message}") from None
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
 
 
 def settle_overwrite(run_dir: Path, replaced: Path, trained: bool) -> None:
@@ -1988,15 +2202,48 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
         "| metric | mean ± std | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
         "|---|---|" + "---|" * len(seeds),
     ]
+    for name in reported_metrics(summary["evaluation"]):
+        stats = summary["evaluation"][name]
+        lines.append(
+            f"| `{name}` | {number(stats['mean'])} ± {number(stats['std'], '.2g')} | "
+            + " | ".join(number(s["evaluation"][name]) for s in summaries)
+            + " |"
+        )
+    plot_seed_curves(run_dir, seeds)
     lines += [
-        f"| `{name}` | {stats['mean']:.4g} ± {stats['std']:.2g} | "
-        + " | ".join(f"{s['evaluation'][name]:.4g}" for s in summaries)
-        + " |"
-        for name, stats in summary["evaluation"].items()
+        "",
+        "![per-seed validation curves](figures/seeds.png)",
+        "",
+        *config_table(config),
     ]
-    lines += ["", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
+
+
+def plot_seed_curves(run_dir: Path, seeds) -> None:
+    """figures/seeds.png: each seed's validation loss, -ELBO, confidence and k_eff per epoch,
+    from seed_<s>/history.csv."""
+    histories = {}
+    for seed in seeds:
+        with open(run_dir / f"seed_{seed}" / "history.csv") as f:
+            histories[seed] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    panels = {
+        "val_loss": "nats",
+        "val_neg_elbo": "nats per example",
+        "val_responsibility_confidence": "probability",
+        "val_k_eff": "channels",
+    }
+    fig, axes = panel_grid(len(panels), columns=2, width=5, height=3.2)
+    for ax, (name, unit) in zip(axes, panels.items(), strict=True):
+        series = {
+            f"seed {seed}": ([row["epoch"] for row in rows], [row[name] for row in rows])
+            for seed, rows in histories.items()
+        }
+        plot_curves(ax, series, name, unit)
+    (run_dir / "figures").mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(run_dir / "figures" / "seeds.png", dpi=110)
+    plt.close(fig)
 
 
 SWEEP_METRICS = {  # summary key -> column name; the last is label-free (a tuning criterion)
@@ -2240,6 +2487,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_config(argv)
+        if config.distributed:
+            join_processes(config)
         enable_compilation_cache()
         run_dir, outcome = run(config, given_flags(argv))
     except (ConfigError, DataError) as error:
