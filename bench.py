@@ -299,7 +299,7 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
 # and K = 1 (the same networks as a plain VAE). The dataset's base flags come first.
 RESULT_BASE = {"digits": [], "mnist": ["--preset", "mnist"]}
 CONSISTENCY = {  # routing consistency on, per dataset (the mnist preset has it on already)
-    "digits": ["--consistency-weight", "20", "--augment-strength", "0.6"],
+    "digits": ["--consistency-weight", "40", "--augment-strength", "0.15", "--epochs", "300"],
     "mnist": [],
 }
 NO_CONSISTENCY = ["--consistency-weight", "0"]
