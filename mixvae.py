@@ -1,9 +1,12 @@
 """mixvae: a mixture VAE whose discrete channel c is regularised by a logit-space
 mixture-of-Gaussians prior ("logit-MoG"), the categorical KL, or both.
 
-Read top to bottom: forward pass (encoder -> router -> decoders -> model), then the
-loss terms (each a pure function whose docstring states its formula), then the
-objective that combines them, then the compiled train/eval steps.
+Read top to bottom, as the paper: notation -> encoder -> router -> decoders -> model -> the
+loss terms (each a pure function whose docstring states its formula) -> the objective that
+combines them, every channel decoded -> its schedules (the warm-up a(e), the router
+temperature tau(e), the curriculum's kick) -> the one speed device that changes what is
+computed (--top-m: decode each example's top-M channels only) -> the compiled train/eval
+steps.
 
 Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
 [K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits,
@@ -176,7 +179,7 @@ def route(logits, key, *, temperature, mode, active_mask=None, hard=True) -> Rou
 
 
 # --------------------------------------------------------------------------------------
-# Decoders: x_hat_k = f(z_k, k) for every channel k, or for each example's top-M channels.
+# Decoders: x_hat_k = f(z_k, k) for every channel k (the top-M dispatch: "Speed", below).
 # A decoder network acts on a batch of rows z [..., D] (with an embedding e broadcastable to
 # [..., E]): each layer is one matmul over all rows, channel-major, so nothing is transposed.
 # --------------------------------------------------------------------------------------
@@ -354,37 +357,6 @@ class ChannelDecoders(eqx.Module):
             return eqx.filter_vmap(lambda net, z_k: net(z_k))(self.network, z)
         return self.network(z, self.embeddings[:, None, :])
 
-    def selected(self, z, channels, capacity):
-        """Only the listed channels: row n, slot m is decoded by channel channels[n, m].
-        z [N, M, D], channels [N, M] -> (outputs [N, M, P (+ extra)], kept [N, M]).
-
-        concat / film: one network on the N M rows with their channels' embeddings (all kept).
-        separate: each channel decodes at most `capacity` rows, dispatched in row order (a
-        mixture-of-experts dispatch); rows past a channel's capacity are dropped (kept False,
-        output 0). With capacity >= N every pair is kept.
-        """
-        if self.embeddings is not None:
-            return self.network(z, self.embeddings[channels]), jnp.ones(channels.shape, bool)
-        num_components = self.num_components
-        flat = channels.reshape(-1)
-        one_hot = jax.nn.one_hot(flat, num_components, dtype=jnp.int32)  # [N M, K]
-        position = jnp.sum(
-            (jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1
-        )  # rank within its channel
-        kept = position < capacity
-        slot = jnp.where(
-            kept, flat * capacity + position, num_components * capacity
-        )  # dropped: out of range
-        source = (
-            jnp.zeros(num_components * capacity, jnp.int32)
-            .at[slot]
-            .set(jnp.arange(flat.size), mode="drop")
-        )
-        dispatched = z.reshape(flat.size, -1)[source].reshape(num_components, capacity, -1)
-        outputs = self(dispatched).reshape(num_components * capacity, -1)[jnp.where(kept, slot, 0)]
-        outputs = jnp.where(kept[:, None], outputs, 0.0)
-        return outputs.reshape(channels.shape + outputs.shape[-1:]), kept.reshape(channels.shape)
-
 
 # --------------------------------------------------------------------------------------
 # The model
@@ -502,37 +474,6 @@ def symmetric_kl(logits_p, logits_q, active_mask=None):
     active = jnp.ones(logits_p.shape[-1], bool) if active_mask is None else active_mask
     log_ratio = jnp.where(active, log_p - log_q, 0.0)  # -inf - -inf on closed channels
     return 0.5 * jnp.sum((jnp.exp(log_p) - jnp.exp(log_q)) * log_ratio, axis=-1)
-
-
-def augment(x, key, strength=1.0):
-    """A random affine warp of each square image of x [B, P]: rotation up to 15 degrees, scale up
-    to 10 %, shear up to 0.2 and shift up to 2 pixels, each times `strength`, drawn uniformly;
-    bilinear resampling, zero outside. strength 0 is the identity."""
-    side = image_side(x.shape[-1])
-    centre = (side - 1) / 2.0
-    rows, cols = jnp.meshgrid(
-        jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij"
-    )
-    grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
-
-    def warp(image, image_key):
-        angle, scale, shear, *shift = strength * jax.random.uniform(
-            image_key, (5,), minval=-1.0, maxval=1.0
-        )
-        angle = jnp.deg2rad(15.0) * angle
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
-        matrix = (
-            (1.0 + 0.1 * scale)
-            * jnp.array([[cos, -sin], [sin, cos]])
-            @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
-        )
-        coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
-        warped = jax.scipy.ndimage.map_coordinates(
-            image.reshape(side, side), list(coords), order=1, mode="constant"
-        )
-        return warped.reshape(-1)
-
-    return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
 
 
 def logit_mog_log_prior(logits, *, mean, sigma, active_mask=None):
@@ -667,10 +608,11 @@ def _float32(value):
 
 
 class Schedule(eqx.Module):
-    """Per-epoch values, passed as arrays so that changing them never recompiles.
-    The last three are the curriculum's kick; their defaults leave the objective as stated."""
+    """Per-epoch values, passed as arrays so that changing them never recompiles (built by
+    epoch_schedule, below). The last three are the curriculum's Kick; their defaults leave the
+    objective as stated."""
 
-    kl_c_scale: jax.Array = eqx.field(converter=_float32)  # a(e)
+    c_anneal: jax.Array = eqx.field(converter=_float32)  # a(e), scales both c-terms
     temperature: jax.Array = eqx.field(converter=_float32)  # tau
     active_mask: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, bool))  # A, [K]
     logit_bias: jax.Array = eqx.field(
@@ -689,9 +631,7 @@ class Terms(NamedTuple):
     weights: jax.Array  # s, [B, K]
     responsibilities: jax.Array  # r, [B, K]
     nll: jax.Array  # -log p(x | z_k), [B, K]; 0 where not decoded
-    decoded: (
-        jax.Array
-    )  # [B, K] bool: channels whose nll was computed (all, unless top_m in training)
+    decoded_mask: jax.Array  # [B, K] bool: channels whose nll was computed (all, unless top_m)
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
     consistency: jax.Array  # symmetric KL(r(x), r(augment(x))), [B]; zeros without w_cons or noise
 
@@ -720,37 +660,35 @@ def channel_nll(model: MixVAE, x, decoded):
     )
 
 
-def decode_top_m(model: MixVAE, x, z, scores, top_m: int, capacity_factor: float):
-    """-log p(x | x_hat_k) for each example's M highest-scoring channels only: x [B, P], z [B, K, D]
-    (or shared [B, D]), scores [B, K] -> (nll [B, K], decoded [B, K]), nll 0 where not decoded.
-
-    Separate decoders take at most C = min(B, ceil(capacity_factor B M / K)) rows each (see
-    ChannelDecoders.selected); a pair past its channel's capacity is not decoded. At M = K
-    every channel is decoded for every example, exactly.
-    """
-    batch, num_components = scores.shape
-    _, channels = jax.lax.top_k(scores, top_m)  # [B, M]
-    if model.latent_layout == "shared":
-        z_rows = jnp.broadcast_to(z[:, None, :], (batch, top_m, z.shape[-1]))
-    else:
-        z_rows = jnp.take_along_axis(z, channels[..., None], axis=1)
-    capacity = min(batch, math.ceil(capacity_factor * batch * top_m / num_components))
-    outputs, kept = model.decoders.selected(z_rows, channels, capacity)
-    nll_rows = channel_nll(model, x[:, None, :], outputs)  # [B, M]
-    rows = jnp.arange(batch)[:, None]
-    nll = (
-        jnp.zeros((batch, num_components), nll_rows.dtype)
-        .at[rows, channels]
-        .set(jnp.where(kept, nll_rows, 0.0))
+def augment(x, key, strength=1.0):
+    """A random affine warp of each square image of x [B, P]: rotation up to 15 degrees, scale up
+    to 10 %, shear up to 0.2 and shift up to 2 pixels, each times `strength`, drawn uniformly;
+    bilinear resampling, zero outside. strength 0 is the identity."""
+    side = image_side(x.shape[-1])
+    centre = (side - 1) / 2.0
+    rows, cols = jnp.meshgrid(
+        jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij"
     )
-    return nll, jnp.zeros((batch, num_components), bool).at[rows, channels].set(kept)
+    grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
 
+    def warp(image, image_key):
+        angle, scale, shear, *shift = strength * jax.random.uniform(
+            image_key, (5,), minval=-1.0, maxval=1.0
+        )
+        angle = jnp.deg2rad(15.0) * angle
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        matrix = (
+            (1.0 + 0.1 * scale)
+            * jnp.array([[cos, -sin], [sin, cos]])
+            @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
+        )
+        coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
+        warped = jax.scipy.ndimage.map_coordinates(
+            image.reshape(side, side), list(coords), order=1, mode="constant"
+        )
+        return warped.reshape(-1)
 
-def restrict(weights, decoded):
-    """weights [B, K] restricted to the decoded channels and renormalised (0 where none is)."""
-    kept = jnp.where(decoded, weights, 0.0)
-    total = jnp.sum(kept, axis=-1, keepdims=True)
-    return kept / jnp.where(total > 0, total, 1.0)
+    return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
 
 
 def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
@@ -774,13 +712,13 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
         z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(noise_key, mean.shape, mean.dtype)
     weights = routing.weights
     if key is not None and objective.top_m is not None and objective.top_m < model.num_components:
-        nll, decoded = decode_top_m(
+        nll, decoded_mask = decode_top_m(
             model, x, z, routing.scores, objective.top_m, objective.top_m_capacity
         )
-        weights = restrict(weights, decoded)
+        weights = restrict(weights, decoded_mask)
     else:
         nll = channel_nll(model, x, decode_channels(model, z)).T
-        decoded = jnp.ones(nll.shape, bool)
+        decoded_mask = jnp.ones(nll.shape, bool)
     consistency = jnp.zeros(x.shape[0])
     if switched_on(objective.consistency_weight) and key is not None:
         augmented_logits, _, _ = jax.vmap(model.encoder)(
@@ -792,7 +730,7 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
         weights,
         routing.responsibilities,
         nll,
-        decoded,
+        decoded_mask,
         gaussian_kl(mean, log_var),
         consistency,
     )
@@ -820,14 +758,14 @@ def loss_terms(model: MixVAE, terms: Terms, sched: Schedule, objective: Objectiv
     uses_logit_mog = objective.c_regularizer in ("logit_mog", "both")
     zero = jnp.zeros(())
     k_active = jnp.sum(mask).astype(jnp.float32)
-    logit_mog_scale = sched.kl_c_scale * objective.prior_weight * sched.prior_scale * (k_active > 1)
+    logit_mog_scale = sched.c_anneal * objective.prior_weight * sched.prior_scale * (k_active > 1)
     neg_log_prior = -logit_mog_log_prior(
         terms.logits, mean=objective.prior_mean, sigma=objective.prior_sigma, active_mask=mask
     )
     return {
         "reconstruction": jnp.mean(jnp.sum(terms.weights * terms.nll, axis=-1)),
-        "kl_z": objective.beta_z * jnp.mean(summed_kl_z(terms.kl_z, mask)),
-        "kl_c": sched.kl_c_scale * objective.kl_c_weight * jnp.mean(categorical_kl(r, pi, mask))
+        "kl_z": objective.beta_z * jnp.mean(summed_kl_z(model, terms.kl_z, mask)),
+        "kl_c": sched.c_anneal * objective.kl_c_weight * jnp.mean(categorical_kl(r, pi, mask))
         if uses_categorical
         else zero,
         "logit_mog": logit_mog_scale * jnp.mean(neg_log_prior) if uses_logit_mog else zero,
@@ -840,10 +778,12 @@ def loss_terms(model: MixVAE, terms: Terms, sched: Schedule, objective: Objectiv
     }
 
 
-def summed_kl_z(kl_z, mask):
+def summed_kl_z(model: MixVAE, kl_z, mask):
     """KL_z per example: the shared layout's one KL [B], or the sum over the active channels of
-    the per-channel KLs [B, K]."""
-    return kl_z if kl_z.ndim == 1 else jnp.sum(jnp.where(mask, kl_z, 0.0), axis=-1)
+    the per-channel KLs [B, K] (decentralized)."""
+    if model.latent_layout == "shared":
+        return kl_z
+    return jnp.sum(jnp.where(mask, kl_z, 0.0), axis=-1)
 
 
 def neg_elbo(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
@@ -851,8 +791,9 @@ def neg_elbo(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective)
     E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi); with top_m, E_r over the decoded channels."""
     mask = sched.active_mask
     r = terms.responsibilities
-    r_decoded = r if objective.top_m is None else restrict(r, terms.decoded)
-    expected_kl_z = terms.kl_z if terms.kl_z.ndim == 1 else jnp.sum(r * terms.kl_z, axis=-1)
+    r_decoded = r if objective.top_m is None else restrict(r, terms.decoded_mask)
+    shared = model.latent_layout == "shared"
+    expected_kl_z = terms.kl_z if shared else jnp.sum(r * terms.kl_z, axis=-1)
     kl_c = categorical_kl(r, mixture_weights(model, mask), mask)
     return jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z + kl_c)
 
@@ -871,7 +812,7 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         **{f"loss_{name}": value for name, value in summands.items()},
         "neg_elbo": neg_elbo(model, terms, sched, objective),
         "reconstruction_loss": summands["reconstruction"],
-        "kl_z": jnp.mean(summed_kl_z(terms.kl_z, mask)),
+        "kl_z": jnp.mean(summed_kl_z(model, terms.kl_z, mask)),
         "kl_c": jnp.mean(categorical_kl(r, pi, mask)),
         "kl_c_logit_mog": summands["logit_mog"],
         "consistency": jnp.mean(terms.consistency),
@@ -882,7 +823,7 @@ def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective
         "k_eff": k_eff,
         "active_components": active_components,
         "pi_entropy": entropy(pi),
-        "kl_c_scale": sched.kl_c_scale,
+        "kl_c_scale": sched.c_anneal,
         "gumbel_temperature": sched.temperature,
         "k_active": jnp.sum(mask).astype(jnp.float32),
         "usage": usage,
@@ -955,6 +896,133 @@ def iw_log_likelihood(model: MixVAE, x, key, sched: Schedule, num_samples: int):
 
     weights = jax.lax.map(log_weights, jax.random.split(key, num_samples))  # [S, B, K]
     return jax.nn.logsumexp(weights, axis=(0, 2)) - jnp.log(num_samples)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules: the objective's per-epoch values
+# --------------------------------------------------------------------------------------
+
+
+def c_anneal(epoch: int, anneal_epochs: int) -> float:
+    """a(e) = min(1, (e + 1) / N), 1 when N = 0: the warm-up of both c-terms (w_cat KL(r || pi)
+    and lambda (-log p_mix)), epochs counted from 0."""
+    if anneal_epochs == 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / anneal_epochs)
+
+
+def router_temperature(epoch: int, start: float, end: float, anneal_epochs: int) -> float:
+    """tau(e) = tau_0 (tau_min / tau_0)^min(1, e / N): exponential decay over N epochs."""
+    progress = 1.0 if anneal_epochs == 0 else min(1.0, epoch / anneal_epochs)
+    return start * (end / start) ** progress
+
+
+class Kick(NamedTuple):
+    """The curriculum's kick, for a few epochs after a channel opens: softer routing (a
+    temperature floor, soft rather than straight-through weights), a bias towards the new
+    channel, and a weaker logit-MoG term."""
+
+    temperature: float  # the router temperature is at least this
+    logit_bias: float  # added to the newest open channel's logit
+    prior_scale: float  # multiplies the logit-MoG term
+
+
+def epoch_schedule(
+    epoch: int,
+    num_components: int,
+    *,
+    c_anneal_epochs: int,
+    temperature: float,
+    temperature_min: float,
+    temperature_anneal_epochs: int,
+    k_active: int | None = None,
+    kick: Kick | None = None,
+) -> Schedule:
+    """Epoch e's Schedule: a(e), tau(e), the first k_active channels open (all by default), and
+    during a kick its softened routing, bias and prior scale."""
+    k_active = num_components if k_active is None else k_active
+    tau = router_temperature(epoch, temperature, temperature_min, temperature_anneal_epochs)
+    logit_bias = jnp.zeros(num_components)
+    if kick is not None:
+        logit_bias = logit_bias.at[k_active - 1].set(kick.logit_bias)
+    return Schedule(
+        c_anneal=c_anneal(epoch, c_anneal_epochs),
+        temperature=tau if kick is None else max(tau, kick.temperature),
+        active_mask=jnp.arange(num_components) < k_active,
+        logit_bias=logit_bias,
+        prior_scale=1.0 if kick is None else kick.prior_scale,
+        straight_through=kick is None,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Speed: decode only each example's top-M channels (--top-m)
+# --------------------------------------------------------------------------------------
+
+
+def decode_top_m(model: MixVAE, x, z, scores, top_m: int, capacity_factor: float):
+    """-log p(x | x_hat_k) for each example's M highest-scoring channels only: x [B, P], z [B, K, D]
+    (or shared [B, D]), scores [B, K] -> (nll [B, K], decoded_mask [B, K]), nll 0 where not decoded.
+
+    Separate decoders take at most C = min(B, ceil(capacity_factor B M / K)) rows each (see
+    dispatch); a pair past its channel's capacity is not decoded. At M = K
+    every channel is decoded for every example, exactly.
+    """
+    batch, num_components = scores.shape
+    _, channels = jax.lax.top_k(scores, top_m)  # [B, M]
+    if model.latent_layout == "shared":
+        z_rows = jnp.broadcast_to(z[:, None, :], (batch, top_m, z.shape[-1]))
+    else:
+        z_rows = jnp.take_along_axis(z, channels[..., None], axis=1)
+    capacity = min(batch, math.ceil(capacity_factor * batch * top_m / num_components))
+    outputs, kept = dispatch(model.decoders, z_rows, channels, capacity)
+    nll_rows = channel_nll(model, x[:, None, :], outputs)  # [B, M]
+    rows = jnp.arange(batch)[:, None]
+    nll = (
+        jnp.zeros((batch, num_components), nll_rows.dtype)
+        .at[rows, channels]
+        .set(jnp.where(kept, nll_rows, 0.0))
+    )
+    return nll, jnp.zeros((batch, num_components), bool).at[rows, channels].set(kept)
+
+
+def restrict(weights, decoded_mask):
+    """weights [B, K] restricted to the decoded channels and renormalised (0 where none is)."""
+    kept = jnp.where(decoded_mask, weights, 0.0)
+    total = jnp.sum(kept, axis=-1, keepdims=True)
+    return kept / jnp.where(total > 0, total, 1.0)
+
+
+def dispatch(decoders: ChannelDecoders, z, channels, capacity):
+    """decoders on the listed channels only: row n, slot m is decoded by channel channels[n, m].
+    z [N, M, D], channels [N, M] -> (outputs [N, M, P (+ extra)], kept [N, M]).
+
+    concat / film: one network on the N M rows with their channels' embeddings (all kept).
+    separate: each channel decodes at most `capacity` rows, dispatched in row order (a
+    mixture-of-experts dispatch); rows past a channel's capacity are dropped (kept False,
+    output 0). With capacity >= N every pair is kept.
+    """
+    if decoders.embeddings is not None:
+        return decoders.network(z, decoders.embeddings[channels]), jnp.ones(channels.shape, bool)
+    num_components = decoders.num_components
+    flat = channels.reshape(-1)
+    one_hot = jax.nn.one_hot(flat, num_components, dtype=jnp.int32)  # [N M, K]
+    position = jnp.sum(
+        (jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1
+    )  # rank within its channel
+    kept = position < capacity
+    slot = jnp.where(
+        kept, flat * capacity + position, num_components * capacity
+    )  # dropped: out of range
+    source = (
+        jnp.zeros(num_components * capacity, jnp.int32)
+        .at[slot]
+        .set(jnp.arange(flat.size), mode="drop")
+    )
+    dispatched = z.reshape(flat.size, -1)[source].reshape(num_components, capacity, -1)
+    outputs = decoders(dispatched).reshape(num_components * capacity, -1)[jnp.where(kept, slot, 0)]
+    outputs = jnp.where(kept[:, None], outputs, 0.0)
+    return outputs.reshape(channels.shape + outputs.shape[-1:]), kept.reshape(channels.shape)
 
 
 # --------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def tiny_model(key=0, **kwargs):
 def all_active(num_components=3, **kwargs):
     return mixvae.Schedule(
         **(
-            {"kl_c_scale": 1.0, "temperature": 1.0, "active_mask": jnp.ones(num_components, bool)}
+            {"c_anneal": 1.0, "temperature": 1.0, "active_mask": jnp.ones(num_components, bool)}
             | kwargs
         )
     )
@@ -364,7 +364,7 @@ def test_top_m_capacity_drops_rows_past_it_in_row_order():
     model = tiny_model(num_components=4, conditioning="separate")
     z = jax.random.normal(jax.random.key(1), (6, 1, 2))
     channels = jnp.array([[0], [2], [0], [0], [2], [0]])
-    outputs, kept = model.decoders.selected(z, channels, capacity=2)
+    outputs, kept = mixvae.dispatch(model.decoders, z, channels, capacity=2)
     np.testing.assert_array_equal(kept[:, 0], [True, True, True, False, True, False])
     all_channels = model.decoders(jnp.broadcast_to(z[:, 0], (4, 6, 2)))  # [K, N, P]
     for n in np.flatnonzero(kept[:, 0]):
@@ -379,12 +379,12 @@ def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
     key = jax.random.key(5)
     forward = eqx.filter_jit(mixvae.forward)
     terms = forward(model, TINY_BATCH, key, sched, objective)
-    assert np.all(np.sum(np.asarray(terms.decoded), axis=1) == 2)
+    assert np.all(np.sum(np.asarray(terms.decoded_mask), axis=1) == 2)
     np.testing.assert_allclose(np.sum(terms.weights, axis=1), 1.0, rtol=1e-6)
-    assert np.all(np.asarray(terms.weights)[~np.asarray(terms.decoded)] == 0)
+    assert np.all(np.asarray(terms.weights)[~np.asarray(terms.decoded_mask)] == 0)
     # One image alone: exactly its two decoders receive a reconstruction gradient.
     one = TINY_BATCH[:1]
-    used = np.flatnonzero(forward(model, one, key, sched, objective).decoded[0])
+    used = np.flatnonzero(forward(model, one, key, sched, objective).decoded_mask[0])
     grads = eqx.filter_jit(
         eqx.filter_grad(lambda m: mixvae.loss_fn(m, one, key, sched, objective)[0])
     )(model)
@@ -393,7 +393,7 @@ def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
     )  # per channel
     assert len(used) == 2 and np.all(last[used] > 0) and np.all(np.delete(last, used) == 0)
     # Evaluation (no key) decodes every channel whatever top_m is.
-    assert np.all(forward(model, TINY_BATCH, None, sched, objective).decoded)
+    assert np.all(forward(model, TINY_BATCH, None, sched, objective).decoded_mask)
 
 
 def test_train_step_and_epoch_compile_once_across_schedule_values():
@@ -410,7 +410,7 @@ def test_train_step_and_epoch_compile_once_across_schedule_values():
         (0.5, 1.0, mask),
         (1.0, 0.3, mask.at[2].set(False)),
     ]:
-        sched = all_active(kl_c_scale=scale, temperature=temperature, active_mask=active)
+        sched = all_active(c_anneal=scale, temperature=temperature, active_mask=active)
         model, opt_state, _ = mixvae.train_step(
             model, opt_state, TINY_BATCH, jax.random.key(0), sched, objective, optimizer
         )
@@ -424,7 +424,7 @@ def test_train_step_and_epoch_compile_once_across_schedule_values():
 
 def test_loss_terms_follow_the_regularizer_choice_and_schedule():
     model = tiny_model()
-    sched = all_active(kl_c_scale=0.25)
+    sched = all_active(c_anneal=0.25)
     _, cat = mixvae.loss_fn(
         model,
         TINY_BATCH,
@@ -875,6 +875,15 @@ def test_curriculum_run_opens_channels_with_kicks_in_the_compiled_step(tmp_path)
     assert (out / "figures" / "curriculum.png").is_file() and "## Curriculum" in (
         out / "REPORT.md"
     ).read_text()
+
+
+def test_schedules_follow_their_formulas():
+    """a(e) = min(1, (e + 1) / N); tau(e) = tau_0 (tau_min / tau_0)^min(1, e / N)."""
+    assert [mixvae.c_anneal(e, 4) for e in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert mixvae.c_anneal(0, 0) == 1.0
+    taus = [mixvae.router_temperature(e, 1.0, 0.25, 20) for e in (0, 10, 20, 40)]
+    np.testing.assert_allclose(taus, [1.0, 0.5, 0.25, 0.25])
+    assert mixvae.router_temperature(0, 1.0, 0.25, 0) == 0.25
 
 
 def test_kick_schedule_softens_routing_and_biases_the_new_channel():

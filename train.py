@@ -3,9 +3,20 @@
     python train.py --c-regularizer logit_mog --prior-mean 7
     python train.py --help
 
-Reads top to bottom: command line -> data -> schedules -> training loop -> evaluation ->
-artifacts (config.json, history.csv, summary.json, REPORT.md, figures/, checkpoint.eqx,
-train_state.ckpt for --resume).
+Sections, top to bottom:
+  Command line          tyro flags -> Config, one-line errors
+  Data                  the embedded digits, or MNIST-style IDX files (downloaded, MD5-checked)
+  Model, objective      Config -> mixvae.MixVAE, mixvae.Objective, the epoch's Schedule, the
+                        curriculum; the data mesh
+  Replicas              seeds, restarts and sweep points as one stacked model
+  Training              the epoch loop: one compiled call per epoch, early stopping, the
+                        training state (checkpoints, --resume, signals, divergence)
+  Evaluation            test metrics, clustering scores, IW-NLL
+  Artifacts             config.json, history.csv, summary.json, checkpoint.eqx, run directories
+  Figures, REPORT.md    one run's figures and report
+  Seeds and sweeps      the mean +- std and sweep reports
+  Many processes        --distributed: process 0 writes
+  Main                  run(): validate, load, train or resume, evaluate, report; main()
 """
 
 from __future__ import annotations
@@ -301,101 +312,6 @@ def load_dataset(config: Config) -> Dataset:
 # --------------------------------------------------------------------------------------
 
 
-def replica_seeds(config: Config) -> tuple[int, ...]:
-    """The seeds: --seeds, else --seed alone."""
-    return config.seeds or (config.seed,)
-
-
-def sweep_points(config: Config) -> list[Config]:
-    """The config of each --sweep grid point (without --sweep); [config] without a sweep."""
-    return [
-        dataclasses.replace(config, sweep=(), **point) for point in configs.sweep_grid(config)
-    ] or [config]
-
-
-def replicas(config: Config) -> list[tuple[int, int]]:
-    """The (seed, restart) pairs trained side by side: --restarts candidates per seed, for each
-    sweep point (point-major)."""
-    pairs = [(seed, j) for seed in replica_seeds(config) for j in range(config.restarts)]
-    return pairs * len(sweep_points(config))
-
-
-def replica_objective(config: Config) -> mixvae.Objective:
-    """The objective of the replicas: build_objective(config), each hyperparameter swept by
-    --sweep an array [R] of the replicas' values (a point's value for each of its seeds and
-    restarts)."""
-    points = sweep_points(config)
-    repeats = len(replicas(config)) // len(points)
-    swept = {
-        name: np.repeat(np.array([getattr(point, name) for point in points], np.float32), repeats)
-        for name in swept_names(config)
-        if name in configs.OBJECTIVE_FLOATS
-    }
-    return dataclasses.replace(build_objective(config), **swept)
-
-
-def swept_names(config: Config) -> list[str]:
-    return list(configs.sweep_grid(config)[0]) if config.sweep else []
-
-
-def replica_keys(pairs) -> jax.Array:
-    """Per (seed s, restart j): key(s), folded with j when j > 0, split into (init, train,
-    figures, importance sampling) keys -> [R, 4]. Restart 0 is the plain run of seed s."""
-
-    def keys(seed, restart):
-        key = jax.random.key(seed)
-        return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
-
-    seeds, restarts = np.array(pairs).reshape(-1, 2).T
-    return jax.vmap(keys)(jnp.asarray(seeds), jnp.asarray(restarts))
-
-
-def shuffler(seed: int, restart: int) -> np.random.Generator:
-    """The generator of a replica's batch order; restart 0's is the plain run's."""
-    return np.random.default_rng(seed if restart == 0 else [seed, restart])
-
-
-def build_replicas(config: Config, input_dim: int, init_keys):
-    """One model per key, stacked on a leading replica axis. Initialised by one XLA program
-    compiled at the lowest optimisation level: it runs once, and optimising threefry's unrolled
-    rounds for every initialiser took 4-6 s (eagerly, each op compiles a program of its own)."""
-
-    def build(keys):
-        return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
-
-    def arrays(keys):
-        return eqx.filter(build(keys), eqx.is_array)
-
-    program = (
-        jax.jit(arrays)
-        .lower(init_keys)
-        .compile(compiler_options={"xla_backend_optimization_level": 0})
-    )
-    static = eqx.filter(
-        eqx.filter_eval_shape(build, init_keys),
-        lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
-        inverse=True,
-    )
-    return eqx.combine(program(init_keys), static)
-
-
-def replica(stacked, r: int):
-    """Replica r of a pytree stacked on a leading replica axis."""
-    arrays, static = eqx.partition(stacked, eqx.is_array)
-    return eqx.combine(jax.tree.map(lambda a: a[r], arrays), static)
-
-
-def select_replicas(take, new, old):
-    """Per replica r: new[r] where take[r], else old[r] (pytrees stacked on axis 0)."""
-    arrays, static = eqx.partition(new, eqx.is_array)
-    chosen = jax.tree.map(
-        lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-        arrays,
-        eqx.filter(old, eqx.is_array),
-    )
-    return eqx.combine(chosen, static)
-
-
 def data_mesh(config: Config) -> Mesh:
     """A one-axis ("data") mesh over --devices local devices (default: all of them)."""
     available = jax.devices()
@@ -457,23 +373,6 @@ def build_objective(config: Config):
     )
 
 
-def kl_c_scale(config: Config, epoch: int) -> float:
-    """a(e) = min(1, (e + 1) / kl_c_anneal_epochs), 1 when that is 0."""
-    if config.kl_c_anneal_epochs == 0:
-        return 1.0
-    return min(1.0, (epoch + 1) / config.kl_c_anneal_epochs)
-
-
-def temperature(config: Config, epoch: int) -> float:
-    """tau(e) = tau0 (tau_min / tau0)^min(1, e / N): exponential decay over N epochs."""
-    n = config.gumbel_temperature_anneal_epochs
-    progress = 1.0 if n == 0 else min(1.0, epoch / n)
-    return (
-        config.gumbel_temperature
-        * (config.gumbel_temperature_min / config.gumbel_temperature) ** progress
-    )
-
-
 @dataclasses.dataclass
 class Curriculum:
     """Plateau-driven channel unlocking ("pots"). Call `update` once per epoch with the monitored
@@ -532,27 +431,137 @@ class Curriculum:
 
 
 def schedule(config: Config, epoch: int, k_active: int | None = None, kick: bool = False):
-    """The epoch's annealed values; the first `k_active` channels open (all by default); during
-    a kick, softened routing, the newest channel's logit bias and a scaled logit-MoG term."""
-    num_components = config.num_components
-    k_active = num_components if k_active is None else k_active
-    logit_bias = np.zeros(num_components, np.float32)
-    if kick:
-        logit_bias[k_active - 1] = config.kick_logit_bias
-    tau = temperature(config, epoch)
-    return mixvae.Schedule(
-        kl_c_scale=kl_c_scale(config, epoch),
-        temperature=max(tau, config.kick_temperature) if kick else tau,
-        active_mask=np.arange(num_components) < k_active,
-        logit_bias=logit_bias,
-        prior_scale=config.kick_prior_scale if kick else 1.0,
-        straight_through=not kick,
+    """mixvae.epoch_schedule at the config's anneals: the first `k_active` channels open (all by
+    default), and the config's kick when `kick`."""
+    return mixvae.epoch_schedule(
+        epoch,
+        config.num_components,
+        c_anneal_epochs=config.kl_c_anneal_epochs,
+        temperature=config.gumbel_temperature,
+        temperature_min=config.gumbel_temperature_min,
+        temperature_anneal_epochs=config.gumbel_temperature_anneal_epochs,
+        k_active=k_active,
+        kick=mixvae.Kick(config.kick_temperature, config.kick_logit_bias, config.kick_prior_scale)
+        if kick
+        else None,
     )
 
 
 def anneals_done(config: Config, epoch: int) -> bool:
     """Early stopping compares losses only once a(e) and tau(e) have reached their final values."""
     return epoch + 1 >= max(config.kl_c_anneal_epochs, config.gumbel_temperature_anneal_epochs + 1)
+
+
+# --------------------------------------------------------------------------------------
+# Replicas: seeds, restarts and sweep points, side by side in one compiled epoch
+# --------------------------------------------------------------------------------------
+
+
+def replica_seeds(config: Config) -> tuple[int, ...]:
+    """The seeds: --seeds, else --seed alone."""
+    return config.seeds or (config.seed,)
+
+
+def sweep_points(config: Config) -> list[Config]:
+    """The config of each --sweep grid point (without --sweep); [config] without a sweep."""
+    return [
+        dataclasses.replace(config, sweep=(), **point) for point in configs.sweep_grid(config)
+    ] or [config]
+
+
+def replicas(config: Config) -> list[tuple[int, int]]:
+    """The (seed, restart) pairs trained side by side: --restarts candidates per seed, for each
+    sweep point (point-major)."""
+    pairs = [(seed, j) for seed in replica_seeds(config) for j in range(config.restarts)]
+    return pairs * len(sweep_points(config))
+
+
+def swept_names(config: Config) -> list[str]:
+    return list(configs.sweep_grid(config)[0]) if config.sweep else []
+
+
+def replica_objective(config: Config) -> mixvae.Objective:
+    """The objective of the replicas: build_objective(config), each hyperparameter swept by
+    --sweep an array [R] of the replicas' values (a point's value for each of its seeds and
+    restarts)."""
+    points = sweep_points(config)
+    repeats = len(replicas(config)) // len(points)
+    swept = {
+        name: np.repeat(np.array([getattr(point, name) for point in points], np.float32), repeats)
+        for name in swept_names(config)
+        if name in configs.OBJECTIVE_FLOATS
+    }
+    return dataclasses.replace(build_objective(config), **swept)
+
+
+def replica_keys(pairs) -> jax.Array:
+    """Per (seed s, restart j): key(s), folded with j when j > 0, split into (init, train,
+    figures, importance sampling) keys -> [R, 4]. Restart 0 is the plain run of seed s."""
+
+    def keys(seed, restart):
+        key = jax.random.key(seed)
+        return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
+
+    seeds, restarts = np.array(pairs).reshape(-1, 2).T
+    return jax.vmap(keys)(jnp.asarray(seeds), jnp.asarray(restarts))
+
+
+def shuffler(seed: int, restart: int) -> np.random.Generator:
+    """The generator of a replica's batch order; restart 0's is the plain run's."""
+    return np.random.default_rng(seed if restart == 0 else [seed, restart])
+
+
+def build_replicas(config: Config, input_dim: int, init_keys):
+    """One model per key, stacked on a leading replica axis. Initialised by one XLA program
+    compiled at the lowest optimisation level: it runs once, and optimising threefry's unrolled
+    rounds for every initialiser took 4-6 s (eagerly, each op compiles a program of its own)."""
+
+    def build(keys):
+        return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
+
+    def arrays(keys):
+        return eqx.filter(build(keys), eqx.is_array)
+
+    program = (
+        jax.jit(arrays)
+        .lower(init_keys)
+        .compile(compiler_options={"xla_backend_optimization_level": 0})
+    )
+    static = eqx.filter(
+        eqx.filter_eval_shape(build, init_keys),
+        lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
+        inverse=True,
+    )
+    return eqx.combine(program(init_keys), static)
+
+
+def replica(stacked, r: int):
+    """Replica r of a pytree stacked on a leading replica axis."""
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a: a[r], arrays), static)
+
+
+def select_replicas(take, new, old):
+    """Per replica r: new[r] where take[r], else old[r] (pytrees stacked on axis 0)."""
+    arrays, static = eqx.partition(new, eqx.is_array)
+    chosen = jax.tree.map(
+        lambda n, o: jnp.where(take.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+        arrays,
+        eqx.filter(old, eqx.is_array),
+    )
+    return eqx.combine(chosen, static)
+
+
+def describe_replicas(config: Config) -> str:
+    """e.g. "8 sweep points x 3 seeds x 2 restarts = 48 replicas"."""
+    counts = [
+        (len(sweep_points(config)), "sweep points"),
+        (len(replica_seeds(config)), "seeds"),
+        (config.restarts, "restarts"),
+    ]
+    parts = [f"{count} {what}" for count, what in counts if count > 1]
+    total = len(replicas(config))
+    return " x ".join(parts) + (f" = {total} replicas" if len(parts) > 1 else "") or "one replica"
 
 
 # --------------------------------------------------------------------------------------
@@ -1809,176 +1818,8 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 
 
 # --------------------------------------------------------------------------------------
-# Main
+# Seeds and sweep reports
 # --------------------------------------------------------------------------------------
-
-
-def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | None) -> None:
-    """Build the model and trace the loss on one batch, abstractly (shapes only: nothing runs)."""
-    input_dim = data.train.images.shape[1]
-
-    def trace(key):
-        model = build_model(config, input_dim, key)
-        x = jnp.zeros((config.batch_size, input_dim), jnp.float32)
-        loss, _ = mixvae.loss_fn(model, x, key, schedule(config, 0), build_objective(config))
-        return eqx.filter(model, eqx.is_inexact_array), loss
-
-    params, loss = jax.eval_shape(trace, jax.random.key(config.seed))
-    params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    print(
-        f"config ok: {data.name}, {len(data.train.images)} training images, "
-        f"K={config.num_components}, "
-        f"D={config.latent_dim}, c-regularizer {config.c_regularizer}"
-    )
-    print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
-    print(
-        f"seeds {' '.join(map(str, replica_seeds(config)))} ({describe_replicas(config)}); each "
-        f"batch sharded over {mesh.size} device(s)"
-    )
-    where = run_dir or config.out_dir or f"runs/<timestamp>-{run_name(config)}"
-    print(f"would write the run to {where}/ (nothing trained, nothing written)")
-
-
-RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples", *PROCESS_FLAGS}
-
-
-def resumed_config(config: Config, given: set[str]) -> Config:
-    """--resume RUN_DIR: the run's saved config, with this call's --epochs (default: the run's
-    own), --checkpoint-every and --eval-iw-samples where given. Any other flag is refused by name:
-    a resumed run keeps its configuration."""
-    problem = f"--resume={config.resume!r} is not allowed"
-    other = sorted(given - RESUME_FLAGS)
-    if other:
-        raise ConfigError(
-            f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
-            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples and "
-            "the --distributed flags change"
-        )
-    try:
-        saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
-    except OSError:
-        raise ConfigError(f"{problem}: not a run directory (no config.json)") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{problem}: config.json does not parse ({error})") from None
-    changes = {name: getattr(config, name) for name in given & RESUME_FLAGS - {"resume"}}
-    return configs.validate(dataclasses.replace(saved, **changes))
-
-
-def check_resumable(run_dir: Path, config: Config, state: TrainState, given: set[str]) -> None:
-    """Refuse a resumption that would train nothing."""
-    done = state.epoch
-    if not state.running.any():
-        raise ConfigError(
-            f"--resume={str(run_dir)!r} is not allowed: it stopped early after epoch {done} (no "
-            f"better val_{config.monitor} for {config.patience} epochs); nothing to continue"
-        )
-    if config.epochs <= done:
-        if "epochs" in given:
-            raise ConfigError(
-                f"--epochs={config.epochs} is not allowed with --resume: the run has trained "
-                f"{done} epochs already; give more"
-            )
-        raise ConfigError(
-            f"--resume={str(run_dir)!r} is not allowed: the run finished its {done} epochs; "
-            f"give --epochs N (N > {done}) to train on"
-        )
-
-
-def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
-    """The program: validate, load, train (or resume), then evaluate and write every artifact.
-    `given`: the flags typed (for --resume, which accepts only a few)."""
-    configs.validate(config)
-    both = [name for name in swept_names(config) if name in given]
-    if both:
-        raise ConfigError(
-            f"{configs.flag(both[0])} is not allowed with --sweep {both[0].replace('_', '-')}=...: "
-            "give its values in the sweep only"
-        )
-    if config.eval_only:
-        return reevaluate(config), Outcome("finished", "")
-    resuming = config.resume is not None
-    run_dir = Path(config.resume) if resuming else None
-    config = resumed_config(config, given) if resuming else config
-    timings = {"imports": IMPORTS_SEC}
-    with timed(timings, "data"):
-        data = load_dataset(config)
-    with timed(timings, "backend"):
-        mesh = data_mesh(config)
-    input_dim = data.train.images.shape[1]
-    seeds = replica_seeds(config)
-    if config.validate_only:
-        validate_only(config, data, mesh, run_dir)
-        return run_dir, Outcome("finished", "")
-    replaced = None
-    if resuming:
-        with timed(timings, "initialisation"):
-            state = load_state(run_dir, config, input_dim)
-        check_resumable(run_dir, config, state, given)
-        if jax.process_index() > 0:  # read the run directory, write a scratch copy of it
-            shutil.copytree(run_dir, run_dir := scratch_dir(), dirs_exist_ok=True)
-        write_json(run_dir / "config.json", dataclasses.asdict(config))
-        print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
-    else:
-        with timed(timings, "initialisation"):
-            state = initial_state(config, input_dim)
-        run_dir, replaced = claim_for_all_processes(config)
-        for directory, point in zip(point_dirs(run_dir, config), sweep_points(config), strict=True):
-            if config.sweep:  # each point a directory of its own, as a run of it writes it
-                directory.mkdir()
-                write_json(directory / "config.json", dataclasses.asdict(point))
-        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
-            for directory, seed_config in zip(
-                seed_dirs(run_dir, config), seed_configs(config), strict=True
-            ):
-                directory.mkdir()
-                write_json(directory / "config.json", dataclasses.asdict(seed_config))
-    print(f"run directory: {run_dir} ({describe_replicas(config)})")
-    try:
-        with timed(timings, "training"):
-            results, outcome = train(config, data, state, run_dir)
-        timings["compile"] = results[0].compile_time  # included in training
-    finally:
-        if replaced is not None:
-            settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
-    if outcome.status == "diverged":
-        outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
-    if config.restarts > 1 and results[0].history:
-        results = choose_restarts(results, config.restarts, config.monitor)
-        for result, directory in zip(results, seed_dirs(run_dir, config), strict=True):
-            write_history(directory / "history.csv", result.history)
-    if not results[0].history:  # stopped within the first epoch: nothing to evaluate
-        if replaced is not None:  # the previous run is back in run_dir
-            return run_dir, outcome
-        write_json(
-            run_dir / "summary.json",
-            status_of(outcome),
-        )
-        return run_dir, outcome
-    summaries = []
-    seed_keys = replica_keys([(result.seed, 0) for result in results])
-    for result, directory, seed_config, (_, _, figure_key, iw_key) in zip(
-        results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
-    ):
-        save_checkpoint(directory, result.model, seed_config, result.best_epoch)
-        summaries.append(
-            evaluate_and_report(
-                directory, seed_config, data, result, outcome, iw_key, figure_key, timings
-            )
-        )
-    write_group_reports(run_dir, config, summaries)
-    return run_dir, outcome
-
-
-def describe_replicas(config: Config) -> str:
-    """e.g. "8 sweep points x 3 seeds x 2 restarts = 48 replicas"."""
-    counts = [
-        (len(sweep_points(config)), "sweep points"),
-        (len(replica_seeds(config)), "seeds"),
-        (config.restarts, "restarts"),
-    ]
-    parts = [f"{count} {what}" for count, what in counts if count > 1]
-    total = len(replicas(config))
-    return " x ".join(parts) + (f" = {total} replicas" if len(parts) > 1 else "") or "one replica"
 
 
 def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) -> None:
@@ -1993,168 +1834,6 @@ def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) ->
             write_seeds_report(directory, point, group)
     if config.sweep:
         write_sweep_report(run_dir, config, groups)
-
-
-def claim_for_all_processes(config: Config) -> tuple[Path, Path | None]:
-    """claim_run_dir, by process 0 alone in a --distributed run: the other processes write into
-    a private scratch directory (deleted at exit), and raise process 0's refusal, if any, as
-    their own."""
-    if jax.process_count() == 1:
-        return claim_run_dir(config)
-    claimed, refusal = (None, None), ""
-    if jax.process_index() == 0:
-        try:
-            claimed = claim_run_dir(config)
-        except ConfigError as error:
-            refusal = str(error)
-    refusal = text_from_process_zero(refusal)
-    if refusal:
-        raise ConfigError(refusal)
-    return claimed if jax.process_index() == 0 else (scratch_dir(), None)
-
-
-def scratch_dir() -> Path:
-    """A private directory for a process other than 0 to write into, deleted at exit."""
-    path = Path(tempfile.mkdtemp(prefix=f"mixvae-process{jax.process_index()}-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def text_from_process_zero(text: str, size: int = 4096) -> str:
-    """Process 0's `text` on every process (a collective: every process calls it)."""
-    raw = np.zeros(size, np.uint8)
-    encoded = text.encode()[:size]
-    raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
-    shared = multihost_utils.broadcast_one_to_all(raw)
-    return bytes(np.asarray(shared)).rstrip(b"\0").decode(errors="replace")
-
-
-def join_processes(config: Config) -> None:
-    """--distributed: connect this process to the others (jax.distributed, CPU collectives over
-    gloo); a process other than 0 prints nothing but errors."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(
-            config.coordinator_address, config.num_processes, config.process_id
-        )
-    except (RuntimeError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ConfigError(f"--distributed could not connect the processes: {message}") from None
-    if jax.process_index() > 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
-
-
-def settle_overwrite(run_dir: Path, replaced: Path, trained: bool) -> None:
-    """--overwrite: delete the previous run once the new one has trained an epoch; otherwise put
-    the previous run back where it was."""
-    if trained:
-        shutil.rmtree(replaced)
-        return
-    shutil.rmtree(run_dir)
-    replaced.rename(run_dir)
-
-
-def kept_after_divergence(
-    state: TrainState, results: list[TrainResult], replaced: Path | None
-) -> str:
-    """What a diverged run's directory holds, in words (for stderr and summary.json)."""
-    if state.epoch == 0 and replaced is not None:
-        return "nothing finite to keep: the previous run is back in the run directory as it was"
-    if state.epoch == 0:
-        return "nothing finite to keep: the run directory holds config.json and summary.json"
-    best = ", ".join(str(result.best_epoch) for result in results)
-    return (
-        f"the run directory holds history.csv and train_state.ckpt of the {state.epoch} finite "
-        f"epoch(s) (--resume continues from epoch {state.epoch}), the best model checkpoint.eqx "
-        f"(epoch {best}) and its evaluation in summary.json and REPORT.md"
-    )
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], phase: str):
-    """Add the block's wall time to timings[phase], in seconds."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-
-
-def evaluate_and_report(
-    run_dir: Path,
-    config: Config,
-    data: Dataset,
-    result: TrainResult,
-    outcome: Outcome,
-    iw_key,
-    figure_key,
-    timings: dict[str, float],
-):
-    """Test evaluation of the best model, then the figures, summary.json and REPORT.md; returns
-    the summary. `timings`: the seconds of the phases before (imports, data, ...), to which
-    this adds its own."""
-    timings = dict(timings)
-    with timed(timings, "test_evaluation"):
-        evaluation_metrics, responsibilities, usage = evaluation(
-            result.model, config, data, result.best_k_active
-        )
-    if config.eval_iw_samples:
-        with timed(timings, "iw_nll"):
-            evaluation_metrics["iw_nll"] = iw_nll(
-                result.model, config, data.test.images, result.best_k_active, iw_key
-            )
-        evaluation_metrics["iw_samples"] = config.eval_iw_samples
-    summary = summary_of(config, data, result, evaluation_metrics, outcome)
-    summary["warnings"] = failure_warnings(
-        result, evaluation_metrics, responsibilities, data.test.labels
-    )
-    for warning in summary["warnings"]:
-        print(f"warning ({run_dir}): {warning}", file=sys.stderr)
-    with timed(timings, "figures"):
-        figures = plot_figures(
-            run_dir / "figures", config, data, result, responsibilities, usage, figure_key
-        )
-    summary["timing_sec"] = {phase: round(seconds, 3) for phase, seconds in timings.items()}
-    with timed(timings, "report"):
-        write_report(run_dir, config, summary, figures)
-        write_json(run_dir / "summary.json", summary)
-    print(
-        f"test (seed {config.seed}): "
-        + "  ".join(
-            f"{name} {number(evaluation_metrics[name], '.3f')}"
-            for name in HEADLINE
-            if name in evaluation_metrics
-        )
-    )
-    print(f"report: {run_dir / 'REPORT.md'}")
-    return summary
-
-
-def failure_warnings(result: TrainResult, metrics: dict, responsibilities, labels) -> list[str]:
-    """Signs of a failed run, one line each: with more than one open channel, (nearly) every
-    test image in one channel, or confident routing with a clustering accuracy near chance
-    (below 1.5 x the largest class's share); a validation -ELBO that never fell below its first
-    epoch's value."""
-    warnings = []
-    counts = np.bincount(responsibilities.argmax(-1), minlength=responsibilities.shape[-1])
-    if result.best_k_active > 1 and counts.max() >= 0.99 * counts.sum():
-        warnings.append(
-            f"collapsed: {counts.max()} of {counts.sum()} test images are routed to channel "
-            f"{counts.argmax()}"
-        )
-    chance = np.bincount(labels).max() / len(labels)
-    confidence, accuracy = metrics["responsibility_confidence"], metrics["cluster_accuracy"]
-    if result.best_k_active > 1 and confidence > 0.9 and accuracy < 1.5 * chance:
-        warnings.append(
-            f"confident routing (E[max r] = {confidence:.3f}) but cluster accuracy "
-            f"{accuracy:.3f}, near chance ({chance:.3f})"
-        )
-    val_neg_elbo = [row["val_neg_elbo"] for row in result.history]
-    if len(val_neg_elbo) > 1 and min(val_neg_elbo[1:]) >= val_neg_elbo[0]:
-        warnings.append(
-            f"the validation -ELBO never fell below its first epoch's {val_neg_elbo[0]:.2f}"
-        )
-    return warnings
 
 
 def seeds_summary(config: Config, summaries: list[dict]) -> dict:
@@ -2392,6 +2071,334 @@ def plot_sweep(fig_dir: Path, names: list[str], metrics: dict, point_rows: list[
     fig.tight_layout()
     fig.savefig(fig_dir / "sweep.png", dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Many processes (--distributed): process 0 writes
+# --------------------------------------------------------------------------------------
+
+
+def join_processes(config: Config) -> None:
+    """--distributed: connect this process to the others (jax.distributed, CPU collectives over
+    gloo); a process other than 0 prints nothing but errors."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            config.coordinator_address, config.num_processes, config.process_id
+        )
+    except (RuntimeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ConfigError(f"--distributed could not connect the processes: {message}") from None
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+
+
+def claim_for_all_processes(config: Config) -> tuple[Path, Path | None]:
+    """claim_run_dir, by process 0 alone in a --distributed run: the other processes write into
+    a private scratch directory (deleted at exit), and raise process 0's refusal, if any, as
+    their own."""
+    if jax.process_count() == 1:
+        return claim_run_dir(config)
+    claimed, refusal = (None, None), ""
+    if jax.process_index() == 0:
+        try:
+            claimed = claim_run_dir(config)
+        except ConfigError as error:
+            refusal = str(error)
+    refusal = text_from_process_zero(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    return claimed if jax.process_index() == 0 else (scratch_dir(), None)
+
+
+def scratch_dir() -> Path:
+    """A private directory for a process other than 0 to write into, deleted at exit."""
+    path = Path(tempfile.mkdtemp(prefix=f"mixvae-process{jax.process_index()}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def text_from_process_zero(text: str, size: int = 4096) -> str:
+    """Process 0's `text` on every process (a collective: every process calls it)."""
+    raw = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = multihost_utils.broadcast_one_to_all(raw)
+    return bytes(np.asarray(shared)).rstrip(b"\0").decode(errors="replace")
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | None) -> None:
+    """Build the model and trace the loss on one batch, abstractly (shapes only: nothing runs)."""
+    input_dim = data.train.images.shape[1]
+
+    def trace(key):
+        model = build_model(config, input_dim, key)
+        x = jnp.zeros((config.batch_size, input_dim), jnp.float32)
+        loss, _ = mixvae.loss_fn(model, x, key, schedule(config, 0), build_objective(config))
+        return eqx.filter(model, eqx.is_inexact_array), loss
+
+    params, loss = jax.eval_shape(trace, jax.random.key(config.seed))
+    params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    print(
+        f"config ok: {data.name}, {len(data.train.images)} training images, "
+        f"K={config.num_components}, "
+        f"D={config.latent_dim}, c-regularizer {config.c_regularizer}"
+    )
+    print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
+    print(
+        f"seeds {' '.join(map(str, replica_seeds(config)))} ({describe_replicas(config)}); each "
+        f"batch sharded over {mesh.size} device(s)"
+    )
+    where = run_dir or config.out_dir or f"runs/<timestamp>-{run_name(config)}"
+    print(f"would write the run to {where}/ (nothing trained, nothing written)")
+
+
+RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples", *PROCESS_FLAGS}
+
+
+def resumed_config(config: Config, given: set[str]) -> Config:
+    """--resume RUN_DIR: the run's saved config, with this call's --epochs (default: the run's
+    own), --checkpoint-every and --eval-iw-samples where given. Any other flag is refused by name:
+    a resumed run keeps its configuration."""
+    problem = f"--resume={config.resume!r} is not allowed"
+    other = sorted(given - RESUME_FLAGS)
+    if other:
+        raise ConfigError(
+            f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
+            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples and "
+            "the --distributed flags change"
+        )
+    try:
+        saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
+    except OSError:
+        raise ConfigError(f"{problem}: not a run directory (no config.json)") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{problem}: config.json does not parse ({error})") from None
+    changes = {name: getattr(config, name) for name in given & RESUME_FLAGS - {"resume"}}
+    return configs.validate(dataclasses.replace(saved, **changes))
+
+
+def check_resumable(run_dir: Path, config: Config, state: TrainState, given: set[str]) -> None:
+    """Refuse a resumption that would train nothing."""
+    done = state.epoch
+    if not state.running.any():
+        raise ConfigError(
+            f"--resume={str(run_dir)!r} is not allowed: it stopped early after epoch {done} (no "
+            f"better val_{config.monitor} for {config.patience} epochs); nothing to continue"
+        )
+    if config.epochs <= done:
+        if "epochs" in given:
+            raise ConfigError(
+                f"--epochs={config.epochs} is not allowed with --resume: the run has trained "
+                f"{done} epochs already; give more"
+            )
+        raise ConfigError(
+            f"--resume={str(run_dir)!r} is not allowed: the run finished its {done} epochs; "
+            f"give --epochs N (N > {done}) to train on"
+        )
+
+
+def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
+    """The program: validate, load, train (or resume), then evaluate and write every artifact.
+    `given`: the flags typed (for --resume, which accepts only a few)."""
+    configs.validate(config)
+    both = [name for name in swept_names(config) if name in given]
+    if both:
+        raise ConfigError(
+            f"{configs.flag(both[0])} is not allowed with --sweep {both[0].replace('_', '-')}=...: "
+            "give its values in the sweep only"
+        )
+    if config.eval_only:
+        return reevaluate(config), Outcome("finished", "")
+    resuming = config.resume is not None
+    run_dir = Path(config.resume) if resuming else None
+    config = resumed_config(config, given) if resuming else config
+    timings = {"imports": IMPORTS_SEC}
+    with timed(timings, "data"):
+        data = load_dataset(config)
+    with timed(timings, "backend"):
+        mesh = data_mesh(config)
+    input_dim = data.train.images.shape[1]
+    seeds = replica_seeds(config)
+    if config.validate_only:
+        validate_only(config, data, mesh, run_dir)
+        return run_dir, Outcome("finished", "")
+    replaced = None
+    if resuming:
+        with timed(timings, "initialisation"):
+            state = load_state(run_dir, config, input_dim)
+        check_resumable(run_dir, config, state, given)
+        if jax.process_index() > 0:  # read the run directory, write a scratch copy of it
+            shutil.copytree(run_dir, run_dir := scratch_dir(), dirs_exist_ok=True)
+        write_json(run_dir / "config.json", dataclasses.asdict(config))
+        print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
+    else:
+        with timed(timings, "initialisation"):
+            state = initial_state(config, input_dim)
+        run_dir, replaced = claim_for_all_processes(config)
+        for directory, point in zip(point_dirs(run_dir, config), sweep_points(config), strict=True):
+            if config.sweep:  # each point a directory of its own, as a run of it writes it
+                directory.mkdir()
+                write_json(directory / "config.json", dataclasses.asdict(point))
+        if len(seeds) > 1:  # each seed a run directory of its own, as a single-seed run writes it
+            for directory, seed_config in zip(
+                seed_dirs(run_dir, config), seed_configs(config), strict=True
+            ):
+                directory.mkdir()
+                write_json(directory / "config.json", dataclasses.asdict(seed_config))
+    print(f"run directory: {run_dir} ({describe_replicas(config)})")
+    try:
+        with timed(timings, "training"):
+            results, outcome = train(config, data, state, run_dir)
+        timings["compile"] = results[0].compile_time  # included in training
+    finally:
+        if replaced is not None:
+            settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
+    if outcome.status == "diverged":
+        outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
+    if config.restarts > 1 and results[0].history:
+        results = choose_restarts(results, config.restarts, config.monitor)
+        for result, directory in zip(results, seed_dirs(run_dir, config), strict=True):
+            write_history(directory / "history.csv", result.history)
+    if not results[0].history:  # stopped within the first epoch: nothing to evaluate
+        if replaced is not None:  # the previous run is back in run_dir
+            return run_dir, outcome
+        write_json(
+            run_dir / "summary.json",
+            status_of(outcome),
+        )
+        return run_dir, outcome
+    summaries = []
+    seed_keys = replica_keys([(result.seed, 0) for result in results])
+    for result, directory, seed_config, (_, _, figure_key, iw_key) in zip(
+        results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
+    ):
+        save_checkpoint(directory, result.model, seed_config, result.best_epoch)
+        summaries.append(
+            evaluate_and_report(
+                directory, seed_config, data, result, outcome, iw_key, figure_key, timings
+            )
+        )
+    write_group_reports(run_dir, config, summaries)
+    return run_dir, outcome
+
+
+def settle_overwrite(run_dir: Path, replaced: Path, trained: bool) -> None:
+    """--overwrite: delete the previous run once the new one has trained an epoch; otherwise put
+    the previous run back where it was."""
+    if trained:
+        shutil.rmtree(replaced)
+        return
+    shutil.rmtree(run_dir)
+    replaced.rename(run_dir)
+
+
+def kept_after_divergence(
+    state: TrainState, results: list[TrainResult], replaced: Path | None
+) -> str:
+    """What a diverged run's directory holds, in words (for stderr and summary.json)."""
+    if state.epoch == 0 and replaced is not None:
+        return "nothing finite to keep: the previous run is back in the run directory as it was"
+    if state.epoch == 0:
+        return "nothing finite to keep: the run directory holds config.json and summary.json"
+    best = ", ".join(str(result.best_epoch) for result in results)
+    return (
+        f"the run directory holds history.csv and train_state.ckpt of the {state.epoch} finite "
+        f"epoch(s) (--resume continues from epoch {state.epoch}), the best model checkpoint.eqx "
+        f"(epoch {best}) and its evaluation in summary.json and REPORT.md"
+    )
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], phase: str):
+    """Add the block's wall time to timings[phase], in seconds."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def evaluate_and_report(
+    run_dir: Path,
+    config: Config,
+    data: Dataset,
+    result: TrainResult,
+    outcome: Outcome,
+    iw_key,
+    figure_key,
+    timings: dict[str, float],
+):
+    """Test evaluation of the best model, then the figures, summary.json and REPORT.md; returns
+    the summary. `timings`: the seconds of the phases before (imports, data, ...), to which
+    this adds its own."""
+    timings = dict(timings)
+    with timed(timings, "test_evaluation"):
+        evaluation_metrics, responsibilities, usage = evaluation(
+            result.model, config, data, result.best_k_active
+        )
+    if config.eval_iw_samples:
+        with timed(timings, "iw_nll"):
+            evaluation_metrics["iw_nll"] = iw_nll(
+                result.model, config, data.test.images, result.best_k_active, iw_key
+            )
+        evaluation_metrics["iw_samples"] = config.eval_iw_samples
+    summary = summary_of(config, data, result, evaluation_metrics, outcome)
+    summary["warnings"] = failure_warnings(
+        result, evaluation_metrics, responsibilities, data.test.labels
+    )
+    for warning in summary["warnings"]:
+        print(f"warning ({run_dir}): {warning}", file=sys.stderr)
+    with timed(timings, "figures"):
+        figures = plot_figures(
+            run_dir / "figures", config, data, result, responsibilities, usage, figure_key
+        )
+    summary["timing_sec"] = {phase: round(seconds, 3) for phase, seconds in timings.items()}
+    with timed(timings, "report"):
+        write_report(run_dir, config, summary, figures)
+        write_json(run_dir / "summary.json", summary)
+    print(
+        f"test (seed {config.seed}): "
+        + "  ".join(
+            f"{name} {number(evaluation_metrics[name], '.3f')}"
+            for name in HEADLINE
+            if name in evaluation_metrics
+        )
+    )
+    print(f"report: {run_dir / 'REPORT.md'}")
+    return summary
+
+
+def failure_warnings(result: TrainResult, metrics: dict, responsibilities, labels) -> list[str]:
+    """Signs of a failed run, one line each: with more than one open channel, (nearly) every
+    test image in one channel, or confident routing with a clustering accuracy near chance
+    (below 1.5 x the largest class's share); a validation -ELBO that never fell below its first
+    epoch's value."""
+    warnings = []
+    counts = np.bincount(responsibilities.argmax(-1), minlength=responsibilities.shape[-1])
+    if result.best_k_active > 1 and counts.max() >= 0.99 * counts.sum():
+        warnings.append(
+            f"collapsed: {counts.max()} of {counts.sum()} test images are routed to channel "
+            f"{counts.argmax()}"
+        )
+    chance = np.bincount(labels).max() / len(labels)
+    confidence, accuracy = metrics["responsibility_confidence"], metrics["cluster_accuracy"]
+    if result.best_k_active > 1 and confidence > 0.9 and accuracy < 1.5 * chance:
+        warnings.append(
+            f"confident routing (E[max r] = {confidence:.3f}) but cluster accuracy "
+            f"{accuracy:.3f}, near chance ({chance:.3f})"
+        )
+    val_neg_elbo = [row["val_neg_elbo"] for row in result.history]
+    if len(val_neg_elbo) > 1 and min(val_neg_elbo[1:]) >= val_neg_elbo[0]:
+        warnings.append(
+            f"the validation -ELBO never fell below its first epoch's {val_neg_elbo[0]:.2f}"
+        )
+    return warnings
 
 
 def config_from_json(saved: dict) -> Config:
