@@ -631,7 +631,15 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
         (["--epochs", "abc"], "--epochs: invalid literal"),
         (["--bogus", "3"], "Unrecognized options: --bogus"),
         (["--sweep", "prior-meen=3,5"], "prior-meen is not a flag .*sweepable: prior-mean"),
-        (["--sweep", "hidden-dim=8,16"], "hidden-dim is not a float hyperparameter"),
+        (["--sweep", "hidden-dim=8,16"], "hidden-dim is not sweepable in one compiled program"),
+        (
+            ["--sweep", "kl-c-weight=1,2"],
+            "kl-c-weight=... has no effect with --c-regularizer logit",
+        ),
+        (["--sweep", "prior-mean=7,7.0000001"], "two points share the name prior-mean7"),
+        (["--sweep", "prior-mean=3", "--sweep", "beta-z=1,2"], "--sweep is given twice"),
+        (["--distributed", "--process-id", "3", "--num-processes", "2"], "--process-id=3"),
+        (["--process-id", "1"], "--process-id is not allowed without --distributed"),
         (["--sweep", "prior-sigma=0.5,0"], "point prior-sigma0: --prior-sigma=0.0 .* > 0"),
         (["--sweep", "prior-mean=3,x"], "prior-mean=3,x' .* must be numbers"),
         (["--sweep", "prior-mean="], "prior-mean=' .* lists no values"),
@@ -1277,7 +1285,7 @@ def test_seeds_with_curriculum_and_bad_device_counts_are_refused():
         configs.validate(configs.Config(seeds=(0, 1), curriculum=True))
     with pytest.raises(configs.ConfigError, match="--devices"):
         configs.validate(configs.Config(devices=3, batch_size=128))
-    with pytest.raises(configs.ConfigError, match="--devices=64 .* sees 1 device"):
+    with pytest.raises(configs.ConfigError, match="--devices=64 .* there are 1 device"):
         train.data_mesh(configs.Config(devices=64, batch_size=128))
 
 
@@ -1558,6 +1566,31 @@ def test_a_non_finite_loss_stops_the_run_as_diverged_keeping_what_it_says(
     assert train.saved_epoch(out) == 14
     assert all(np.isfinite(v) for v in summary["evaluation"].values() if isinstance(v, float))
     assert (out / "checkpoint.eqx").is_file() and (out / "REPORT.md").is_file()
+
+
+def test_one_diverging_replica_stops_alone_and_the_others_train_on(tmp_path, monkeypatch, capsys):
+    """Seed 1 of --seeds 0 1 turns NaN in epoch 3: it stops with its 2 finite epochs and its
+    best model evaluated, marked diverged; seed 0 trains all 5 epochs; the run exits 0."""
+    real_step, calls = mixvae.train_replicas, []
+
+    def poisoned(*args):
+        models, opt_states, metrics = real_step(*args)
+        calls.append(1)
+        if len(calls) == 3:
+            metrics = {**metrics, "loss": metrics["loss"].at[1].set(jnp.nan)}
+        return models, opt_states, metrics
+
+    monkeypatch.setattr(mixvae, "train_replicas", poisoned)
+    out = tmp_path / "run"
+    args = ["--out-dir", str(out), "--epochs", "5", "--seeds", "0", "1", "--patience", "0"]
+    assert train.main([*args, *SMALL_RUN]) == 0
+    assert "diverged: loss became non-finite in epoch 3" in capsys.readouterr().err
+    one = json.loads((out / "seed_1" / "summary.json").read_text())
+    zero = json.loads((out / "seed_0" / "summary.json").read_text())
+    assert one["status"] == "diverged" and "epoch 3" in one["status_detail"]
+    assert zero["status"] == "finished"
+    assert len(read_history(out / "seed_1")) == 2 and len(read_history(out / "seed_0")) == 5
+    assert np.isfinite(one["evaluation"]["neg_elbo"])
 
 
 def test_runs_started_together_get_a_directory_each(tmp_path):

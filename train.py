@@ -80,6 +80,13 @@ IMPORTS_SEC = time.perf_counter() - IMPORTS_START
 def parse_config(argv: list[str]) -> Config:
     """tyro flags on top of the defaults of `--preset NAME` (or of Config()). A parse error is a
     ConfigError of one line (tyro's message without its box); --help prints and exits."""
+    typed = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
+    twice = sorted({name for name in typed if typed.count(name) > 1})
+    if twice:
+        raise ConfigError(
+            f"--{twice[0]} is given twice"
+            + (": list every NAME=V1,V2 after one --sweep" if twice[0] == "sweep" else "")
+        )
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--preset")
     preset = peek.parse_known_args(argv)[0].preset
@@ -317,9 +324,7 @@ def data_mesh(config: Config) -> Mesh:
     available = jax.devices()
     count = len(available) if config.devices is None else config.devices
     if count > len(available):
-        raise ConfigError(
-            f"--devices={count} is not allowed: this process sees {len(available)} device(s)"
-        )
+        raise ConfigError(f"--devices={count} is not allowed: there are {len(available)} device(s)")
     if config.batch_size % count:
         raise ConfigError(
             f"--batch-size={config.batch_size} is not allowed: it must divide by the {count} "
@@ -552,6 +557,15 @@ def select_replicas(take, new, old):
     return eqx.combine(chosen, static)
 
 
+def replica_outcome(result: TrainResult, outcome: Outcome) -> Outcome:
+    """How one replica's training ended: the run's outcome, unless the replica diverged on its
+    own and stopped while the others trained on."""
+    if not result.diverged:
+        return outcome
+    kept = f"the best model of its {len(result.history)} finite epoch(s), evaluated"
+    return Outcome("diverged", result.diverged, kept=kept)
+
+
 def describe_replicas(config: Config) -> str:
     """e.g. "8 sweep points x 3 seeds x 2 restarts = 48 replicas"."""
     counts = [
@@ -600,6 +614,7 @@ class TrainResult(NamedTuple):
     curriculum: Curriculum | None
     restart: int = 0
     restart_scores: tuple[float, ...] = ()
+    diverged: str = ""  # why this replica stopped early on a non-finite value, or ""
 
 
 def choose_restarts(results: list[TrainResult], restarts: int, monitor: str) -> list[TrainResult]:
@@ -635,6 +650,7 @@ class TrainState:
     curriculum: Curriculum | None
     histories: list  # per replica, one dict per epoch
     training_time: float = 0.0  # seconds spent training, summed over this run's resumptions
+    diverged: list = dataclasses.field(default_factory=list)  # per replica: why it stopped, or ""
 
 
 def initial_state(config: Config, input_dim: int) -> TrainState:
@@ -664,6 +680,7 @@ def initial_state(config: Config, input_dim: int) -> TrainState:
         config.num_components,
         Curriculum.from_config(config),
         [[] for _ in pairs],
+        diverged=["" for _ in pairs],
     )
 
 
@@ -688,6 +705,7 @@ def save_state(run_dir: Path, config: Config, state: TrainState) -> None:
             else dataclasses.asdict(state.curriculum),
             "histories": state.histories,
             "training_time": state.training_time,
+            "diverged": state.diverged,
         }
     ).encode()
 
@@ -775,6 +793,7 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
         curriculum,
         header["histories"],
         header.get("training_time", 0.0),
+        header.get("diverged", fresh.diverged),
     )
 
 
@@ -821,17 +840,16 @@ def status_of(outcome: Outcome) -> dict:
     return {name: value for name, value in fields.items() if value}
 
 
-def non_finite(epoch_metrics, val_metrics, running) -> str | None:
-    """The first training (incl. grad_norm) or validation metric that is NaN or inf in a running "
-    "replica."""
-    for name, value in epoch_metrics.items():
-        if not np.all(np.isfinite(np.asarray(value)[running])):
-            return name
+def non_finite(epoch_metrics, val_metrics, running) -> dict[int, str]:
+    """Per running replica whose training (incl. grad_norm) or validation metrics hold a NaN or
+    inf: the first such metric's name."""
+    broken = {}
     for r in np.flatnonzero(running):
-        for name, value in val_metrics[r].items():
-            if not np.isfinite(value):
-                return f"val_{name}"
-    return None
+        train_names = [n for n, v in epoch_metrics.items() if not np.all(np.isfinite(v[r]))]
+        val_names = [f"val_{n}" for n, v in val_metrics[r].items() if not np.isfinite(v)]
+        if train_names or val_names:
+            broken[int(r)] = (train_names + val_names)[0]
+    return broken
 
 
 def train(
@@ -879,7 +897,7 @@ def train(
             desc="epochs",
             unit="epoch",
             leave=False,
-            disable=None,
+            disable=None if jax.process_index() == 0 else True,
         ) as bar,
     ):
         while state.epoch < config.epochs and state.running.any():
@@ -912,10 +930,27 @@ def train(
                 mixvae.validate_replicas(models, val_images, sched, objective)
             )
             epoch_times.append(time.perf_counter() - tick)
-            bad = non_finite(epoch_metrics, val_metrics, state.running)
-            if bad is not None:  # keep the last good state, history and checkpoint
-                outcome = Outcome("diverged", f"{bad} became non-finite in epoch {epoch + 1}")
+            broken = non_finite(jax.device_get(epoch_metrics), val_metrics, state.running)
+            if broken and (epoch == 0 or len(broken) == state.running.sum()):
+                # every running replica, or one before any finite epoch: keep the last good
+                # state, history and checkpoint
+                r, name = next(iter(broken.items()))
+                where = f" ({directories[r].relative_to(run_dir)})" if len(seeds) > 1 else ""
+                outcome = Outcome(
+                    "diverged", f"{name}{where} became non-finite in epoch {epoch + 1}"
+                )
                 break
+            if broken:  # those replicas stop, with their last finite state; the others go on
+                finite = jnp.asarray([r not in broken for r in range(len(pairs))])
+                models = select_replicas(finite, models, state.models)
+                opt_states = select_replicas(finite, opt_states, state.opt_states)
+                for r, name in broken.items():
+                    state.running[r] = False
+                    state.diverged[r] = f"{name} became non-finite in epoch {epoch + 1}"
+                    tqdm.write(
+                        f"diverged ({directories[r].relative_to(run_dir)}): "
+                        f"{state.diverged[r]}; it stops, the other replicas train on"
+                    )
             state.epoch, state.models, state.opt_states, state.keys = (
                 epoch + 1,
                 models,
@@ -1010,6 +1045,7 @@ def train(
             training_time,
             compile_time,
             state.curriculum,
+            diverged=state.diverged[r],
         )
         for r, seed in enumerate(seeds)
     ], outcome
@@ -1869,8 +1905,8 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
         f"# Run report: {run_dir.name} ({len(seeds)} seeds)",
         "",
         f"Objective: c-regularizer `{config.c_regularizer}`; seeds {', '.join(map(str, seeds))} "
-        "trained as vmapped "
-        f"replicas in one process ({summary['training']['training_time_sec']:.1f} s), all on the "
+        "trained as replicas of one compiled epoch in one process "
+        f"({summary['training']['training_time_sec']:.1f} s, shared by every replica), all on the "
         "data split of "
         f"seed {split_seed(config)}. Each seed's own report: "
         + ", ".join(f"[seed {seed}](seed_{seed}/REPORT.md)" for seed in seeds)
@@ -2022,8 +2058,8 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
         "",
         "![sweep](figures/sweep.png)",
         "",
-        "Per run: `sweep.csv`; per point: `sweep_points.csv`; each point's directory holds its "
-        "runs laid out as a `--seeds` run.",
+        "Per run: `sweep.csv`; per point: `sweep_points.csv`; each point's directory is laid out "
+        "as a run of its flags (with several seeds, `seed_<s>/` each and their mean ± std).",
         "",
         *config_table(config),
     ]
@@ -2087,8 +2123,13 @@ def join_processes(config: Config) -> None:
             config.coordinator_address, config.num_processes, config.process_id
         )
     except (RuntimeError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise ConfigError(f"--distributed could not connect the processes: {message}") from None
+        text = str(error).strip()
+        message = text.splitlines()[0] if text else type(error).__name__
+        raise ConfigError(
+            f"--distributed could not connect the processes ({message}): give "
+            "--coordinator-address, --num-processes and --process-id, or start it under SLURM, "
+            "Open MPI or Kubernetes"
+        ) from None
     if jax.process_index() > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
 
@@ -2154,6 +2195,9 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | Non
         f"seeds {' '.join(map(str, replica_seeds(config)))} ({describe_replicas(config)}); each "
         f"batch sharded over {mesh.size} device(s)"
     )
+    if config.sweep:
+        names = [configs.point_name(point) for point in configs.sweep_grid(config)]
+        print(f"sweep points, a directory each: {', '.join(names)}")
     where = run_dir or config.out_dir or f"runs/<timestamp>-{run_name(config)}"
     print(f"would write the run to {where}/ (nothing trained, nothing written)")
 
@@ -2279,9 +2323,18 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
     ):
         save_checkpoint(directory, result.model, seed_config, result.best_epoch)
+        if result.diverged:
+            print(f"warning ({directory}): diverged: {result.diverged}", file=sys.stderr)
         summaries.append(
             evaluate_and_report(
-                directory, seed_config, data, result, outcome, iw_key, figure_key, timings
+                directory,
+                seed_config,
+                data,
+                result,
+                replica_outcome(result, outcome),
+                iw_key,
+                figure_key,
+                timings,
             )
         )
     write_group_reports(run_dir, config, summaries)
@@ -2352,7 +2405,7 @@ def evaluate_and_report(
     summary["warnings"] = failure_warnings(
         result, evaluation_metrics, responsibilities, data.test.labels
     )
-    for warning in summary["warnings"]:
+    for warning in summary["warnings"] if jax.process_index() == 0 else []:
         print(f"warning ({run_dir}): {warning}", file=sys.stderr)
     with timed(timings, "figures"):
         figures = plot_figures(
@@ -2402,7 +2455,8 @@ def failure_warnings(result: TrainResult, metrics: dict, responsibilities, label
 
 
 def config_from_json(saved: dict) -> Config:
-    return Config(**{**saved, "seeds": tuple(saved.get("seeds", ()))})
+    tuples = {name: tuple(saved.get(name, ())) for name in ("seeds", "sweep")}
+    return Config(**{**saved, **tuples})
 
 
 def reevaluate(config: Config) -> Path:
@@ -2475,9 +2529,23 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
         training["training_time_sec"],
         training["compile_time_sec"],
         curriculum,
+        **(
+            {
+                "restart": summary["restarts"]["chosen"],
+                "restart_scores": tuple(summary["restarts"][f"val_{saved.monitor}"]),
+            }
+            if "restarts" in summary
+            else {}
+        ),
     )
-    outcome = Outcome(summary.get("status", "finished"), summary.get("status_detail", ""))
-    return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key, {})
+    outcome = Outcome(
+        summary.get("status", "finished"),
+        summary.get("status_detail", ""),
+        kept=summary.get("kept", ""),
+    )
+    redone = ("test_evaluation", "iw_nll", "figures", "report")
+    timings = {k: v for k, v in summary.get("timing_sec", {}).items() if k not in redone}
+    return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key, timings)
 
 
 def enable_compilation_cache() -> None:
@@ -2493,7 +2561,7 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_config(argv)
+        config = configs.validate(parse_config(argv))
         if config.distributed:
             join_processes(config)
         enable_compilation_cache()
