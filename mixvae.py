@@ -942,13 +942,13 @@ def epoch_schedule(
     during a kick its softened routing, bias and prior scale."""
     k_active = num_components if k_active is None else k_active
     tau = router_temperature(epoch, temperature, temperature_min, temperature_anneal_epochs)
-    logit_bias = jnp.zeros(num_components)
+    logit_bias = [0.0] * num_components  # host values: building a Schedule runs no XLA program
     if kick is not None:
-        logit_bias = logit_bias.at[k_active - 1].set(kick.logit_bias)
+        logit_bias[k_active - 1] = kick.logit_bias
     return Schedule(
         c_anneal=c_anneal(epoch, c_anneal_epochs),
         temperature=tau if kick is None else max(tau, kick.temperature),
-        active_mask=jnp.arange(num_components) < k_active,
+        active_mask=[k < k_active for k in range(num_components)],
         logit_bias=logit_bias,
         prior_scale=1.0 if kick is None else kick.prior_scale,
         straight_through=kick is None,

@@ -546,6 +546,7 @@ def replica(stacked, r: int):
     return eqx.combine(jax.tree.map(lambda a: a[r], arrays), static)
 
 
+@eqx.filter_jit
 def select_replicas(take, new, old):
     """Per replica r: new[r] where take[r], else old[r] (pytrees stacked on axis 0)."""
     arrays, static = eqx.partition(new, eqx.is_array)
@@ -660,7 +661,9 @@ def initial_state(config: Config, input_dim: int) -> TrainState:
     keys = replica_keys(pairs)  # [R, 4]: init, train, figures, importance sampling
     models = build_replicas(config, input_dim, keys[:, 0])
     optimizer = mixvae.make_optimizer(config.learning_rate)
-    opt_states = eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))(models)
+    opt_states = eqx.filter_jit(
+        eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))
+    )(models)
     if "learning_rate" in swept_names(config):
         repeats = len(pairs) // len(sweep_points(config))
         rates = [point.learning_rate for point in sweep_points(config)]
@@ -840,6 +843,12 @@ def status_of(outcome: Outcome) -> dict:
     return {name: value for name, value in fields.items() if value}
 
 
+@jax.jit
+def split_keys(keys):
+    """Each replica's key [R] split in two: (the next epoch's keys [R], this epoch's [R])."""
+    return tuple(jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0))
+
+
 def non_finite(epoch_metrics, val_metrics, running) -> dict[int, str]:
     """Per running replica whose training (incl. grad_norm) or validation metrics hold a NaN or
     inf: the first such metric's name."""
@@ -913,7 +922,7 @@ def train(
                     for rng in state.rngs
                 ]
             )
-            keys, epoch_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
+            keys, epoch_keys = split_keys(state.keys)
             models, opt_states, step_metrics = mixvae.train_replicas(
                 state.models,
                 state.opt_states,
