@@ -1289,45 +1289,6 @@ def test_seeds_with_curriculum_and_bad_device_counts_are_refused():
         train.data_mesh(configs.Config(devices=64, batch_size=128))
 
 
-FOUR_DEVICES = """
-import dataclasses, json, sys, tempfile
-from pathlib import Path
-import jax, numpy as np
-import mixvae, train
-from configs import Config
-assert len(jax.devices()) == 4, jax.devices()
-config = Config(epochs=2, eval_iw_samples=0, batch_size=64, num_samples=400, hidden_dim=32,
-                seeds=(0, 1))
-data = train.load_dataset(config)
-losses = {}
-for devices in (1, 4):
-    c = dataclasses.replace(config, devices=devices)
-    results, _ = train.train(c, data, train.initial_state(c, 64), Path(tempfile.mkdtemp()))
-    names = ("loss", "val_loss", "val_neg_elbo")
-    losses[devices] = [[row[n] for n in names] for r in results for row in r.history]
-print(json.dumps(losses))
-"""
-
-
-def test_four_devices_give_the_losses_of_one_device():
-    """Data-parallel SPMD over 4 forced host devices = the same training on 1 device."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    env["JAX_PLATFORMS"] = "cpu"  # the forced host devices, also where a GPU is present
-    result = subprocess.run(
-        [sys.executable, "-c", FOUR_DEVICES],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    losses = json.loads(result.stdout.strip().splitlines()[-1])
-    one, four = np.array(losses["1"]), np.array(losses["4"])
-    assert one.shape == (4, 3)  # 2 seeds x 2 epochs
-    np.testing.assert_allclose(four, one, rtol=1e-5)
-
-
 def launch(args, devices, tmp_path, processes=1, timeout=240):
     """train.py as `processes` processes (--distributed, a localhost coordinator) of `devices`
     forced host devices each -> [(returncode, stdout, stderr)]; scratch files in tmp_path."""
@@ -1365,26 +1326,31 @@ def launch(args, devices, tmp_path, processes=1, timeout=240):
 
 def test_two_processes_train_as_one_four_device_run_with_one_writer(tmp_path):
     """jax.distributed over two local processes x 2 CPU devices (gloo): the losses of one
-    process with 4 devices, one run directory written by process 0, resume, and a refusal that
-    stops both processes with the same line."""
+    process with 4 devices (data-parallel SPMD) and of one device, one run directory written by
+    process 0, resume, and a refusal that stops both processes with the same line."""
     flags = [*SMALL_RUN, "--batch-size", "64", "--seeds", "0", "1"]
     run = tmp_path / "run"
     first, then = ["--out-dir", str(run), "--epochs", "1", *flags], ["--resume", str(run)]
     for args in (first, [*then, "--epochs", "2"]):
         for code, _, stderr in launch(args, 2, tmp_path, processes=2):
             assert code == 0, stderr[-2000:]
-    [(code, _, stderr)] = launch(
-        ["--out-dir", str(tmp_path / "one"), "--epochs", "2", *flags], 4, tmp_path
-    )
-    assert code == 0, stderr[-2000:]
+    for devices in (4, 1):  # one process: SPMD over its 4 forced devices, and on 1 device
+        args = ["--out-dir", str(tmp_path / f"devices{devices}"), "--devices", str(devices)]
+        [(code, _, stderr)] = launch([*args, "--epochs", "2", *flags], 4, tmp_path)
+        assert code == 0, stderr[-2000:]
     for seed in (0, 1):
-        two, one = (metrics_of(read_history(d / f"seed_{seed}")) for d in (run, tmp_path / "one"))
+        runs = [run, tmp_path / "devices4", tmp_path / "devices1"]
+        two, four, one = (metrics_of(read_history(d / f"seed_{seed}")) for d in runs)
         assert [row["epoch"] for row in two] == ["1", "2"]
         for name in ("loss", "val_loss", "val_neg_elbo", "grad_norm"):
-            np.testing.assert_allclose(
-                [float(row[name]) for row in two], [float(row[name]) for row in one], rtol=1e-5
-            )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "run", "scratch"]
+            for other in (four, one):
+                np.testing.assert_allclose(
+                    [float(row[name]) for row in two],
+                    [float(row[name]) for row in other],
+                    rtol=1e-5,
+                    err_msg=name,
+                )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices1", "devices4", "run", "scratch"]
     assert not list((tmp_path / "scratch").iterdir())  # process 1's scratch copies are gone
     refused = launch(first, 2, tmp_path, processes=2)
     lines = [
