@@ -380,8 +380,14 @@ def main() -> None:
         choices=["digits", "mnist"],
         help="only: regenerate the README's results tables on these datasets (five seeds each)",
     )
-    parser.add_argument("--results-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--results-dir", default="results")
+    parser.add_argument(
+        "--results-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="with --results"
+    )
+    parser.add_argument(
+        "--results-dir",
+        default="results",
+        help="with --results: where results-<dataset>.md/.json go",
+    )
     args = parser.parse_args()
     if args.results:
         for dataset in args.results:
