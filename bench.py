@@ -209,36 +209,46 @@ def usage_line_seconds() -> dict:
     return times
 
 
+def train_processes(runs: list[list[str]], common: list[str], cache: str) -> dict:
+    """`train.py *common *args` for each args of `runs`, one process after another, sharing the
+    XLA compilation cache `cache` (fresh for a fair count): wall seconds, and the distinct
+    programs compiled (the cache's entries; those of the training epoch apart)."""
+    start = time.perf_counter()
+    for args in runs:
+        subprocess.run(
+            [sys.executable, "train.py", *common, *args],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache},
+        )
+    programs = os.listdir(cache)
+    return {
+        "sec": time.perf_counter() - start,
+        "compiled_programs": len(programs),
+        "compiled_train_epochs": sum(p.startswith("jit_train_replicas-") for p in programs),
+    }
+
+
 def seeds_wall_times(num_seeds: int, epochs: int = 40) -> dict:
     """Whole-process wall time of `train.py --seeds 0..N-1` against N runs `--seed s` one after
     another (each side with a fresh, then shared, XLA compilation cache; same epochs, no early
     stop)."""
     common = ["--epochs", str(epochs), "--patience", "0", "--eval-iw-samples", "0"]
-
-    def wall(runs, cache):
-        start = time.perf_counter()
-        for args in runs:
-            subprocess.run(
-                [sys.executable, "train.py", *common, *args],
-                check=True,
-                capture_output=True,
-                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache},
-            )
-        return time.perf_counter() - start
-
     with tempfile.TemporaryDirectory() as tmp:
         seeds = [str(seed) for seed in range(num_seeds)]
-        vmapped = wall(
+        vmapped = train_processes(
             [["--seeds", *seeds, "--split-seed", "0", "--out-dir", f"{tmp}/vmapped"]],
+            common,
             f"{tmp}/cache-v",
-        )
-        sequential = wall(
+        )["sec"]
+        sequential = train_processes(
             [
                 ["--seed", seed, "--split-seed", "0", "--out-dir", f"{tmp}/seed-{seed}"]
                 for seed in seeds
             ],
+            common,
             f"{tmp}/cache-s",
-        )
+        )["sec"]
     return {
         "num_seeds": num_seeds,
         "epochs": epochs,
@@ -259,29 +269,14 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
     common = ["--epochs", str(epochs), "--patience", "0", "--eval-iw-samples", "0"]
     seed_list = [str(seed) for seed in range(seeds)]
 
-    def wall(runs, cache):
-        start = time.perf_counter()
-        for args in runs:
-            subprocess.run(
-                [sys.executable, "train.py", *common, *args],
-                check=True,
-                capture_output=True,
-                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": cache},
-            )
-        programs = os.listdir(cache)
-        return {
-            "sec": time.perf_counter() - start,
-            "compiled_programs": len(programs),
-            "compiled_train_epochs": sum(p.startswith("jit_train_replicas-") for p in programs),
-        }
-
     with tempfile.TemporaryDirectory() as tmp:
         grid = [f"{name.replace('_', '-')}={','.join(map(str, v))}" for name, v in SWEEP.items()]
-        swept = wall(
+        swept = train_processes(
             [["--sweep", *grid, "--seeds", *seed_list, "--out-dir", f"{tmp}/sweep"]],
+            common,
             f"{tmp}/cache-sweep",
         )
-        separate = wall(
+        separate = train_processes(
             [
                 ["--prior-mean", str(mean), "--prior-sigma", str(sigma), "--seed", seed]
                 + ["--split-seed", "0", "--out-dir", f"{tmp}/{mean}-{sigma}-{seed}"]
@@ -289,6 +284,7 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
                 for sigma in SWEEP["prior_sigma"]
                 for seed in seed_list
             ],
+            common,
             f"{tmp}/cache-separate",
         )
     runs = len(SWEEP["prior_mean"]) * len(SWEEP["prior_sigma"]) * seeds

@@ -489,14 +489,20 @@ def replica_objective(config: Config) -> mixvae.Objective:
     """The objective of the replicas: build_objective(config), each hyperparameter swept by
     --sweep an array [R] of the replicas' values (a point's value for each of its seeds and
     restarts)."""
-    points = sweep_points(config)
-    repeats = len(replicas(config)) // len(points)
     swept = {
-        name: np.repeat(np.array([getattr(point, name) for point in points], np.float32), repeats)
+        name: replica_values(config, name)
         for name in swept_names(config)
         if name in configs.OBJECTIVE_FLOATS
     }
     return dataclasses.replace(build_objective(config), **swept)
+
+
+def replica_values(config: Config, name: str) -> np.ndarray:
+    """Config field `name` of every replica, [R] float32: its sweep point's value, repeated for
+    the point's seeds and restarts."""
+    points = sweep_points(config)
+    repeats = len(replicas(config)) // len(points)
+    return np.repeat(np.array([getattr(point, name) for point in points], np.float32), repeats)
 
 
 def replica_keys(pairs) -> jax.Array:
@@ -665,9 +671,7 @@ def initial_state(config: Config, input_dim: int) -> TrainState:
         eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))
     )(models)
     if "learning_rate" in swept_names(config):
-        repeats = len(pairs) // len(sweep_points(config))
-        rates = [point.learning_rate for point in sweep_points(config)]
-        opt_states = mixvae.with_learning_rate(opt_states, np.repeat(rates, repeats))
+        opt_states = mixvae.with_learning_rate(opt_states, replica_values(config, "learning_rate"))
     count = len(pairs)
     return TrainState(
         0,
