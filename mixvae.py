@@ -4,9 +4,9 @@ mixture-of-Gaussians prior ("logit-MoG"), the categorical KL, or both.
 Read top to bottom, as the paper: notation -> encoder -> router -> decoders -> model -> the
 loss terms (each a pure function whose docstring states its formula) -> the objective that
 combines them, every channel decoded -> its schedules (the warm-up a(e), the router
-temperature tau(e), the curriculum's kick) -> the one speed device that changes what is
-computed (--top-m: decode each example's top-M channels only) -> the compiled train/eval
-steps.
+temperature tau(e), the curriculum's kick) -> the layers inside the networks (MLP and conv)
+and the consistency term's random warp -> the one speed device that changes what is computed
+(--top-m: decode each example's top-M channels only) -> the compiled train/eval steps.
 
 Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
 [K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits,
@@ -36,45 +36,9 @@ LIKELIHOODS = ("bernoulli", "gaussian", "heteroscedastic")
 ROUTERS = ("softmax", "gumbel", "straight_through")
 C_REGULARIZERS = ("categorical", "logit_mog", "both")
 
-_CONV_CHANNELS = (32, 64)  # conv trunk widths; the transposed-conv decoder mirrors them
-
-
-def image_side(input_dim: int) -> int:
-    """Side of the square image flattened into `input_dim` pixels."""
-    side = math.isqrt(input_dim)
-    if side * side != input_dim:
-        raise ValueError(f"conv layers need square images, got input_dim={input_dim}")
-    return side
-
-
 # --------------------------------------------------------------------------------------
 # Encoder: x -> (y(x), mu, log sigma^2)
 # --------------------------------------------------------------------------------------
-
-
-class ConvTrunk(eqx.Module):
-    """Two stride-2 convolutions (side -> side/4) and a dense layer to `width` units."""
-
-    convs: tuple[eqx.nn.Conv2d, ...]
-    dense: eqx.nn.Linear
-    side: int = eqx.field(static=True)
-
-    def __init__(self, input_dim: int, width: int, *, key):
-        self.side = image_side(input_dim)
-        k1, k2, k3 = jax.random.split(key, 3)
-        c1, c2 = _CONV_CHANNELS
-        self.convs = (
-            eqx.nn.Conv2d(1, c1, 4, stride=2, padding=1, key=k1),
-            eqx.nn.Conv2d(c1, c2, 4, stride=2, padding=1, key=k2),
-        )
-        reduced = (self.side // 2) // 2
-        self.dense = eqx.nn.Linear(c2 * reduced * reduced, width, key=k3)
-
-    def __call__(self, x):
-        h = x.reshape(1, self.side, self.side)
-        for conv in self.convs:
-            h = jax.nn.relu(conv(h))
-        return jax.nn.relu(self.dense(h.reshape(-1)))
 
 
 class Encoder(eqx.Module):
@@ -185,119 +149,6 @@ def route(logits, key, *, temperature, mode, active_mask=None, hard=True) -> Rou
 # --------------------------------------------------------------------------------------
 
 
-def dense(layer: eqx.nn.Linear, h):
-    """`layer` on the last axis of h [..., in] -> [..., out], one matmul for all leading axes.
-    (vmapping eqx.nn.Linear over rows makes XLA emit [out, rows] and transpose it back, which on
-    a CPU costs as much as the matmul itself.)"""
-    return h @ layer.weight.T + layer.bias
-
-
-def _decoder_input(z, embedding, *, film):
-    """[z, e] for concat conditioning; z alone for FiLM (e modulates) and separate decoders."""
-    if film or embedding is None:
-        return z
-    return jnp.concatenate(
-        [z, jnp.broadcast_to(embedding, z.shape[:-1] + embedding.shape[-1:])], axis=-1
-    )
-
-
-def _film(h, film_layer, embedding):
-    """Feature-wise modulation h * (1 + gamma(e)) + beta(e), per unit h [..., H] or per map
-    h [..., C, S, S]; gamma and beta are computed once per embedding row and broadcast."""
-    gamma, beta = jnp.split(dense(film_layer, embedding), 2, axis=-1)
-    if h.ndim > embedding.ndim:  # feature maps
-        gamma, beta = gamma[..., None, None], beta[..., None, None]
-    return h * (1.0 + gamma) + beta
-
-
-class MLPDecoder(eqx.Module):
-    """z (+ channel embedding e) -> hidden -> hidden -> P pixel outputs (+ extra outputs)."""
-
-    layers: tuple[eqx.nn.Linear, ...]
-    films: tuple[eqx.nn.Linear, ...] | None
-
-    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
-        keys = jax.random.split(key, 5)
-        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
-        self.layers = (
-            eqx.nn.Linear(in_dim, width, key=keys[0]),
-            eqx.nn.Linear(width, width, key=keys[1]),
-            eqx.nn.Linear(width, input_dim + num_extra, key=keys[2]),
-        )
-        self.films = (
-            tuple(eqx.nn.Linear(embed_dim, 2 * width, key=k) for k in keys[3:])
-            if conditioning == "film"
-            else None
-        )
-
-    def __call__(self, z, embedding=None):
-        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
-        h = _decoder_input(z, embedding, film=self.films is not None)
-        for i, layer in enumerate(self.layers[:-1]):
-            h = jax.nn.relu(dense(layer, h))
-            if self.films is not None:
-                h = _film(h, self.films[i], embedding)
-        return dense(self.layers[-1], h)
-
-
-class ConvDecoder(eqx.Module):
-    """z (+ e) -> dense -> [C2, b, b] -> two stride-2 transposed convs -> crop to side x side.
-
-    Extra per-image outputs (the heteroscedastic log-scale) come from the dense features.
-    """
-
-    dense: eqx.nn.Linear
-    deconvs: tuple[eqx.nn.ConvTranspose2d, ...]
-    films: tuple[eqx.nn.Linear, ...] | None
-    extra: eqx.nn.Linear | None
-    side: int = eqx.field(static=True)
-    base: int = eqx.field(static=True)
-
-    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
-        del width  # the conv decoder's size is set by _CONV_CHANNELS
-        self.side = image_side(input_dim)
-        self.base = -(-self.side // 4)
-        keys = jax.random.split(key, 6)
-        c1, c2 = _CONV_CHANNELS
-        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
-        dense_dim = c2 * self.base * self.base
-        self.dense = eqx.nn.Linear(in_dim, dense_dim, key=keys[0])
-        self.deconvs = (
-            eqx.nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1, key=keys[1]),
-            eqx.nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1, key=keys[2]),
-        )
-        self.films = (
-            (
-                eqx.nn.Linear(embed_dim, 2 * c2, key=keys[3]),
-                eqx.nn.Linear(embed_dim, 2 * c1, key=keys[4]),
-            )
-            if conditioning == "film"
-            else None
-        )
-        self.extra = eqx.nn.Linear(dense_dim, num_extra, key=keys[5]) if num_extra else None
-
-    def __call__(self, z, embedding=None):
-        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
-        rows = z.shape[:-1]
-
-        def deconv(layer, h):  # the transposed conv on every row's maps [..., C, S, S]
-            out = jax.vmap(layer)(h.reshape((-1,) + h.shape[len(rows) :]))
-            return out.reshape(rows + out.shape[1:])
-
-        h = jax.nn.relu(
-            dense(self.dense, _decoder_input(z, embedding, film=self.films is not None))
-        )
-        extra = None if self.extra is None else dense(self.extra, h)
-        h = h.reshape(rows + (-1, self.base, self.base))
-        if self.films is not None:
-            h = _film(h, self.films[0], embedding)
-        h = jax.nn.relu(deconv(self.deconvs[0], h))
-        if self.films is not None:
-            h = _film(h, self.films[1], embedding)
-        pixels = deconv(self.deconvs[1], h)[..., 0, : self.side, : self.side].reshape(rows + (-1,))
-        return pixels if extra is None else jnp.concatenate([pixels, extra], axis=-1)
-
-
 class ChannelDecoders(eqx.Module):
     """x_hat_k = f(z_k, k), channel-major, never a Python loop over k.
 
@@ -348,7 +199,7 @@ class ChannelDecoders(eqx.Module):
         """Every channel on its own rows: z [K, N, D] -> decoder outputs [K, N, P (+ extra)]."""
         if self.embeddings is None and isinstance(self.network, ConvDecoder):
             # Channel by channel: XLA:CPU runs vmapped-weight (grouped) convolutions inside the
-            # epoch's loop on a generic kernel, 1.3-1.4x slower than K plain convolutions.
+            # epoch's loop on a generic kernel, slower than K plain convolutions (README, Speed).
             params, static = eqx.partition(self.network, eqx.is_array)
             return jax.lax.map(
                 lambda inputs: eqx.combine(inputs[0], static)(inputs[1]), (params, z)
@@ -660,37 +511,6 @@ def channel_nll(model: MixVAE, x, decoded):
     )
 
 
-def augment(x, key, strength=1.0):
-    """A random affine warp of each square image of x [B, P]: rotation up to 15 degrees, scale up
-    to 10 %, shear up to 0.2 and shift up to 2 pixels, each times `strength`, drawn uniformly;
-    bilinear resampling, zero outside. strength 0 is the identity."""
-    side = image_side(x.shape[-1])
-    centre = (side - 1) / 2.0
-    rows, cols = jnp.meshgrid(
-        jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij"
-    )
-    grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
-
-    def warp(image, image_key):
-        angle, scale, shear, *shift = strength * jax.random.uniform(
-            image_key, (5,), minval=-1.0, maxval=1.0
-        )
-        angle = jnp.deg2rad(15.0) * angle
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
-        matrix = (
-            (1.0 + 0.1 * scale)
-            * jnp.array([[cos, -sin], [sin, cos]])
-            @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
-        )
-        coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
-        warped = jax.scipy.ndimage.map_coordinates(
-            image.reshape(side, side), list(coords), order=1, mode="constant"
-        )
-        return warped.reshape(-1)
-
-    return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
-
-
 def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
     """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
     key is None), decode every channel (in training with top_m: each example's top-M channels by
@@ -953,6 +773,196 @@ def epoch_schedule(
         prior_scale=1.0 if kick is None else kick.prior_scale,
         straight_through=kick is None,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Networks: the layers inside the encoder's trunk and the decoders (MLP and conv)
+# --------------------------------------------------------------------------------------
+
+
+_CONV_CHANNELS = (32, 64)  # conv trunk widths; the transposed-conv decoder mirrors them
+
+
+def image_side(input_dim: int) -> int:
+    """Side of the square image flattened into `input_dim` pixels."""
+    side = math.isqrt(input_dim)
+    if side * side != input_dim:
+        raise ValueError(f"conv layers need square images, got input_dim={input_dim}")
+    return side
+
+
+class ConvTrunk(eqx.Module):
+    """Two stride-2 convolutions (side -> side/4) and a dense layer to `width` units."""
+
+    convs: tuple[eqx.nn.Conv2d, ...]
+    dense: eqx.nn.Linear
+    side: int = eqx.field(static=True)
+
+    def __init__(self, input_dim: int, width: int, *, key):
+        self.side = image_side(input_dim)
+        k1, k2, k3 = jax.random.split(key, 3)
+        c1, c2 = _CONV_CHANNELS
+        self.convs = (
+            eqx.nn.Conv2d(1, c1, 4, stride=2, padding=1, key=k1),
+            eqx.nn.Conv2d(c1, c2, 4, stride=2, padding=1, key=k2),
+        )
+        reduced = (self.side // 2) // 2
+        self.dense = eqx.nn.Linear(c2 * reduced * reduced, width, key=k3)
+
+    def __call__(self, x):
+        h = x.reshape(1, self.side, self.side)
+        for conv in self.convs:
+            h = jax.nn.relu(conv(h))
+        return jax.nn.relu(self.dense(h.reshape(-1)))
+
+
+def dense(layer: eqx.nn.Linear, h):
+    """`layer` on the last axis of h [..., in] -> [..., out], one matmul for all leading axes.
+    (vmapping eqx.nn.Linear over rows makes XLA emit [out, rows] and transpose it back, which on
+    a CPU costs as much as the matmul itself.)"""
+    return h @ layer.weight.T + layer.bias
+
+
+def _decoder_input(z, embedding, *, film):
+    """[z, e] for concat conditioning; z alone for FiLM (e modulates) and separate decoders."""
+    if film or embedding is None:
+        return z
+    return jnp.concatenate(
+        [z, jnp.broadcast_to(embedding, z.shape[:-1] + embedding.shape[-1:])], axis=-1
+    )
+
+
+def _film(h, film_layer, embedding):
+    """Feature-wise modulation h * (1 + gamma(e)) + beta(e), per unit h [..., H] or per map
+    h [..., C, S, S]; gamma and beta are computed once per embedding row and broadcast."""
+    gamma, beta = jnp.split(dense(film_layer, embedding), 2, axis=-1)
+    if h.ndim > embedding.ndim:  # feature maps
+        gamma, beta = gamma[..., None, None], beta[..., None, None]
+    return h * (1.0 + gamma) + beta
+
+
+class MLPDecoder(eqx.Module):
+    """z (+ channel embedding e) -> hidden -> hidden -> P pixel outputs (+ extra outputs)."""
+
+    layers: tuple[eqx.nn.Linear, ...]
+    films: tuple[eqx.nn.Linear, ...] | None
+
+    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
+        keys = jax.random.split(key, 5)
+        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
+        self.layers = (
+            eqx.nn.Linear(in_dim, width, key=keys[0]),
+            eqx.nn.Linear(width, width, key=keys[1]),
+            eqx.nn.Linear(width, input_dim + num_extra, key=keys[2]),
+        )
+        self.films = (
+            tuple(eqx.nn.Linear(embed_dim, 2 * width, key=k) for k in keys[3:])
+            if conditioning == "film"
+            else None
+        )
+
+    def __call__(self, z, embedding=None):
+        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
+        h = _decoder_input(z, embedding, film=self.films is not None)
+        for i, layer in enumerate(self.layers[:-1]):
+            h = jax.nn.relu(dense(layer, h))
+            if self.films is not None:
+                h = _film(h, self.films[i], embedding)
+        return dense(self.layers[-1], h)
+
+
+class ConvDecoder(eqx.Module):
+    """z (+ e) -> dense -> [C2, b, b] -> two stride-2 transposed convs -> crop to side x side.
+
+    Extra per-image outputs (the heteroscedastic log-scale) come from the dense features.
+    """
+
+    dense: eqx.nn.Linear
+    deconvs: tuple[eqx.nn.ConvTranspose2d, ...]
+    films: tuple[eqx.nn.Linear, ...] | None
+    extra: eqx.nn.Linear | None
+    side: int = eqx.field(static=True)
+    base: int = eqx.field(static=True)
+
+    def __init__(self, latent_dim, input_dim, num_extra, *, width, embed_dim, conditioning, key):
+        del width  # the conv decoder's size is set by _CONV_CHANNELS
+        self.side = image_side(input_dim)
+        self.base = -(-self.side // 4)
+        keys = jax.random.split(key, 6)
+        c1, c2 = _CONV_CHANNELS
+        in_dim = latent_dim + (embed_dim if conditioning == "concat" else 0)
+        dense_dim = c2 * self.base * self.base
+        self.dense = eqx.nn.Linear(in_dim, dense_dim, key=keys[0])
+        self.deconvs = (
+            eqx.nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1, key=keys[1]),
+            eqx.nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1, key=keys[2]),
+        )
+        self.films = (
+            (
+                eqx.nn.Linear(embed_dim, 2 * c2, key=keys[3]),
+                eqx.nn.Linear(embed_dim, 2 * c1, key=keys[4]),
+            )
+            if conditioning == "film"
+            else None
+        )
+        self.extra = eqx.nn.Linear(dense_dim, num_extra, key=keys[5]) if num_extra else None
+
+    def __call__(self, z, embedding=None):
+        """z [..., D], embedding [..., E] (broadcastable) -> [..., P (+ extra)]."""
+        rows = z.shape[:-1]
+
+        def deconv(layer, h):  # the transposed conv on every row's maps [..., C, S, S]
+            out = jax.vmap(layer)(h.reshape((-1,) + h.shape[len(rows) :]))
+            return out.reshape(rows + out.shape[1:])
+
+        h = jax.nn.relu(
+            dense(self.dense, _decoder_input(z, embedding, film=self.films is not None))
+        )
+        extra = None if self.extra is None else dense(self.extra, h)
+        h = h.reshape(rows + (-1, self.base, self.base))
+        if self.films is not None:
+            h = _film(h, self.films[0], embedding)
+        h = jax.nn.relu(deconv(self.deconvs[0], h))
+        if self.films is not None:
+            h = _film(h, self.films[1], embedding)
+        pixels = deconv(self.deconvs[1], h)[..., 0, : self.side, : self.side].reshape(rows + (-1,))
+        return pixels if extra is None else jnp.concatenate([pixels, extra], axis=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Augmentation: the random warp x~ of the consistency term
+# --------------------------------------------------------------------------------------
+
+
+def augment(x, key, strength=1.0):
+    """A random affine warp of each square image of x [B, P]: rotation up to 15 degrees, scale up
+    to 10 %, shear up to 0.2 and shift up to 2 pixels, each times `strength`, drawn uniformly;
+    bilinear resampling, zero outside. strength 0 is the identity."""
+    side = image_side(x.shape[-1])
+    centre = (side - 1) / 2.0
+    rows, cols = jnp.meshgrid(
+        jnp.arange(side, dtype=x.dtype), jnp.arange(side, dtype=x.dtype), indexing="ij"
+    )
+    grid = jnp.stack([rows.reshape(-1), cols.reshape(-1)]) - centre  # [2, P], centred
+
+    def warp(image, image_key):
+        angle, scale, shear, *shift = strength * jax.random.uniform(
+            image_key, (5,), minval=-1.0, maxval=1.0
+        )
+        angle = jnp.deg2rad(15.0) * angle
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        matrix = (
+            (1.0 + 0.1 * scale)
+            * jnp.array([[cos, -sin], [sin, cos]])
+            @ jnp.array([[1.0, 0.2 * shear], [0.0, 1.0]])
+        )
+        coords = matrix @ grid + centre + 2.0 * jnp.stack(shift)[:, None]
+        warped = jax.scipy.ndimage.map_coordinates(
+            image.reshape(side, side), list(coords), order=1, mode="constant"
+        )
+        return warped.reshape(-1)
+
+    return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
 
 
 # --------------------------------------------------------------------------------------
