@@ -1,14 +1,19 @@
-"""Run configuration: one flat dataclass (tyro turns each field's docstring into `--help`),
-its validation, and the named presets. The model's and the objective's defaults come from
-mixvae.py, their one source."""
+"""Run configuration: one flat dataclass, its `--help` (each field's docstring, the fields in
+named groups), its validation, and the named presets. The model's and the objective's defaults
+come from mixvae.py, their one source."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import itertools
 import math
-from typing import Literal
+import textwrap
+import typing
+from typing import Annotated, Literal
+
+import tyro
 
 import mixvae
 
@@ -26,39 +31,17 @@ OBJECTIVE = mixvae.Objective()
 class Config:
     """Train a mixture VAE whose channel c is regularised by a logit-space MoG prior."""
 
-    # --- run -------------------------------------------------------------------------
+    # --- run ----------------------------------------------------------------------
     preset: Literal["quick", "categorical", "digits", "mnist"] | None = None
-    """Start from a named preset; flags given beside it override it. quick: the seed's quick
-    experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
+    """Start from a named preset; flags given beside it override it. quick: the reference note's
+    quick experiment (logit_mog M=7 sigma=1, no categorical KL, straight-through router, K=20, D=2).
     categorical: the classic categorical KL(r || pi) instead of the logit-MoG prior, at the settings
     that suit it: no usage-entropy term (KL to a uniform pi already balances usage) and the usual
     logit-head init (its push towards uniform r breaks the symmetry). digits: the default run
     plus routing consistency under mild random warps (weight 40, strength 0.15) for up to 300
-    epochs, chosen by the validation -ELBO of two sweeps (README). mnist: full MNIST in under 10
-    minutes on 2 CPU cores (25 epochs, 5-epoch anneals, one shared z and a FiLM-conditioned
-    decoder, routing consistency under random warps with weight 20)."""
-    name: str | None = None
-    """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
-    out_dir: str | None = None
-    """Run directory; unset: runs/<timestamp>-<name>/. Must not exist, or be empty."""
-    validate_only: bool = False
-    """Validate the config, build the model and trace the loss; print the parameter count and
-    where the run would write; train nothing."""
-    eval_only: bool = False
-    """Evaluate the run in --checkpoint again without training, and rewrite its evaluation,
-    figures and REPORT.md."""
-    checkpoint: str | None = None
-    """The run directory that --eval-only evaluates."""
-    resume: str | None = None
-    """Continue the run in this directory, in place, up to --epochs in total, from its last
-    checkpoint. Its config.json gives every setting but --epochs (this call's), and
-    --checkpoint-every and --eval-iw-samples when this call sets them."""
-    checkpoint_every: int = 10
-    """Save the full training state (models, optimizer states, keys, shufflers, early-stopping
-    and curriculum state, history) every this many epochs, and always at the end or when
-    interrupted (0: only then)."""
-    overwrite: bool = False
-    """Replace an existing run directory given as --out-dir (only one that holds a config.json)."""
+    epochs, chosen by the validation -ELBO of two sweeps (README). mnist: full MNIST, 25 epochs
+    (5-epoch anneals, one shared z and a FiLM-conditioned decoder, routing consistency under
+    random warps with weight 20)."""
     seed: int = 0
     """Seed of the initialisation, the shuffling and the noise (and of the data split, unless
     --split-seed is given)."""
@@ -80,24 +63,30 @@ class Config:
     consistency-weight, dirichlet-weight, augment-strength, learning-rate."""
     split_seed: int | None = None
     """Seed of the train/validation(/test) split; unset: --seed."""
-    devices: int | None = None
-    """Data-parallel devices: each batch is sharded over this many devices (SPMD, parameters
-    replicated); unset: all of them (this process's, or every process's with --distributed).
-    --batch-size must divide by it."""
-    distributed: bool = False
-    """Join a multi-process run (several hosts, or several processes on one): each process runs
-    the same command with its own --process-id, jax.distributed connects them, and each batch is
-    sharded over every process's devices. Process 0 alone writes the run directory. Unset
-    --coordinator-address, --num-processes and --process-id are read from the environment
-    (SLURM, Open MPI, Kubernetes and Cloud TPU are detected; JAX_COORDINATOR_ADDRESS)."""
-    coordinator_address: str | None = None
-    """With --distributed: host:port of process 0, where the others connect."""
-    num_processes: int | None = None
-    """With --distributed: the number of processes."""
-    process_id: int | None = None
-    """With --distributed: this process's id, 0 .. --num-processes - 1."""
+    name: str | None = None
+    """Run name, the suffix of runs/<timestamp>-<name>/; unset: the preset or the c-regularizer."""
+    out_dir: str | None = None
+    """Run directory; unset: runs/<timestamp>-<name>/. Must not exist, or be empty."""
+    validate_only: bool = False
+    """Validate the config, build the model and trace the loss; print the parameter count and
+    where the run would write; train nothing."""
 
-    # --- data ------------------------------------------------------------------------
+    # --- optimisation -------------------------------------------------------------
+    learning_rate: float = 2e-3
+    """AdamW learning rate (> 0)."""
+    batch_size: int = 128
+    """Training batch size (at most the training set size)."""
+    epochs: int = 150
+    """Maximum number of epochs."""
+    patience: int = 20
+    """Early stopping: epochs without a better monitored validation metric, counted once both
+    anneals are done (0: never stop early). The best parameters are kept."""
+    monitor: Literal["loss", "neg_elbo"] = "loss"
+    """Validation metric for early stopping, the best model and curriculum unlocks. With the
+    curriculum, loss rewards each opened channel through the usage entropy (w_div < 0) while
+    neg_elbo opens one only when the ELBO pays for it."""
+
+    # --- data ---------------------------------------------------------------------
     dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
     """Dataset. digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped, offline).
     mnist, fashion-mnist: the four official IDX files from --data-dir (downloaded when missing,
@@ -110,7 +99,7 @@ class Config:
     val_split: float = 0.1
     """Fraction of the training images held out for validation, in (0, 1)."""
 
-    # --- model -----------------------------------------------------------------------
+    # --- model --------------------------------------------------------------------
     num_components: int = MODEL["num_components"]
     """K, the number of channels (mixture components)."""
     latent_dim: int = MODEL["latent_dim"]
@@ -132,11 +121,41 @@ class Config:
     likelihood: Literal["bernoulli", "gaussian", "heteroscedastic"] = MODEL["likelihood"]
     """p(x | x_hat): bernoulli (logits), gaussian (fixed sigma 0.1), heteroscedastic (one
     sigma per image, in [0.05, 1])."""
+    learnable_pi: bool = MODEL["learnable_pi"]
+    """Learn the mixture weights pi; off: pi is fixed uniform."""
 
-    eval_iw_samples: int = 50
-    """Importance samples S of the test -log p(x) estimate (iw_nll in summary.json; 0: skip)."""
+    # --- objective ----------------------------------------------------------------
+    c_regularizer: Literal["categorical", "logit_mog", "both"] = OBJECTIVE.c_regularizer
+    """Regulariser of q(c|x): the categorical KL(r || pi), the logit-MoG prior, or both."""
+    prior_mean: float = OBJECTIVE.prior_mean
+    """M, the logit-MoG component means M e_k; peakiness grows with M / sigma."""
+    prior_sigma: float = OBJECTIVE.prior_sigma
+    """sigma, the logit-MoG component standard deviation (> 0)."""
+    prior_weight: float = OBJECTIVE.prior_weight
+    """lambda, weight of the logit-MoG penalty -log p_mix(y(x)) (logit_mog and both)."""
+    kl_c_weight: float = OBJECTIVE.kl_c_weight
+    """w_cat, weight of KL(r || pi) (categorical and both)."""
+    kl_c_anneal_epochs: int = 10
+    """Epochs of linear warm-up a(e) = min(1, (e+1)/N) shared by both c-terms (0: none)."""
+    beta_z: float = OBJECTIVE.beta_z
+    """beta_z, weight of KL(q(z|x) || N(0, I))."""
+    diversity_weight: float = OBJECTIVE.diversity_weight
+    """w_div, weight of the usage entropy H(E_batch r); negative rewards diverse usage. Without
+    it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
+    bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
+    consistency_weight: float = OBJECTIVE.consistency_weight
+    """w_cons, weight of the routing-consistency term: the symmetric KL between r(x) and the
+    routing of a randomly warped copy of x (training only; 0: off). It asks the channel to be
+    invariant to slant, size and position, so that channels split by class, not by style."""
+    augment_strength: float = OBJECTIVE.augment_strength
+    """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
+    shift 2 pixels."""
+    dirichlet_alpha: float | None = OBJECTIVE.dirichlet_alpha
+    """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
+    dirichlet_weight: float = OBJECTIVE.dirichlet_weight
+    """w_dir, weight of the Dirichlet MAP penalty."""
 
-    # --- routing ---------------------------------------------------------------------
+    # --- router -------------------------------------------------------------------
     router: Literal["softmax", "gumbel", "straight_through"] = OBJECTIVE.router
     """How channel weights s are drawn from the logits: s = softmax(y), a Gumbel-softmax sample,
     or its straight-through one-hot."""
@@ -147,52 +166,7 @@ class Config:
     gumbel_temperature_anneal_epochs: int = 20
     """Epochs of exponential temperature decay from the initial to the final value (0: none)."""
 
-    # --- objective -------------------------------------------------------------------
-    c_regularizer: Literal["categorical", "logit_mog", "both"] = OBJECTIVE.c_regularizer
-    """Regulariser of q(c|x): the categorical KL(r || pi), the logit-MoG prior, or both."""
-    kl_c_weight: float = OBJECTIVE.kl_c_weight
-    """w_cat, weight of KL(r || pi) (categorical and both)."""
-    kl_c_anneal_epochs: int = 10
-    """Epochs of linear warm-up a(e) = min(1, (e+1)/N) shared by both c-terms (0: none)."""
-    prior_mean: float = OBJECTIVE.prior_mean
-    """M, the logit-MoG component means M e_k; peakiness grows with M / sigma."""
-    prior_sigma: float = OBJECTIVE.prior_sigma
-    """sigma, the logit-MoG component standard deviation (> 0)."""
-    prior_weight: float = OBJECTIVE.prior_weight
-    """lambda, weight of the logit-MoG penalty -log p_mix(y(x)) (logit_mog and both)."""
-    beta_z: float = OBJECTIVE.beta_z
-    """beta_z, weight of KL(q(z|x) || N(0, I))."""
-    learnable_pi: bool = MODEL["learnable_pi"]
-    """Learn the mixture weights pi; off: pi is fixed uniform."""
-    dirichlet_alpha: float | None = OBJECTIVE.dirichlet_alpha
-    """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
-    dirichlet_weight: float = OBJECTIVE.dirichlet_weight
-    """w_dir, weight of the Dirichlet MAP penalty."""
-    diversity_weight: float = OBJECTIVE.diversity_weight
-    """w_div, weight of the usage entropy H(E_batch r); negative rewards diverse usage. Without
-    it the logit-MoG prior is minimised by sending every image to one channel (the shared logit
-    bias is the quickest way to a mode), so the default rewards balanced usage strongly."""
-
-    consistency_weight: float = OBJECTIVE.consistency_weight
-    """w_cons, weight of the routing-consistency term: the symmetric KL between r(x) and the
-    routing of a randomly warped copy of x (training only; 0: off). It asks the channel to be
-    invariant to slant, size and position, so that channels split by class, not by style."""
-    augment_strength: float = OBJECTIVE.augment_strength
-    """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
-    shift 2 pixels."""
-
-    # --- speed -----------------------------------------------------------------------
-    top_m: int | None = OBJECTIVE.top_m
-    """Training decodes only each image's M channels with the largest routing scores, their weights
-    s renormalised over them (1 <= M <= K; M = K is exact; unset: every channel). An approximation:
-    the other channels' decoders get no reconstruction gradient from that image, and the router's
-    gradient sees only the M decoded losses. Validation, test and figures decode every channel."""
-    top_m_capacity: float = OBJECTIVE.top_m_capacity
-    """With --top-m and separate decoders: each channel decodes at most
-    min(B, ceil(capacity x B M / K)) images of a batch (>= 1); images past it are dropped from that
-    channel for the step (the mixture-of-experts capacity factor)."""
-
-    # --- channel curriculum ("pots") ------------------------------------------------
+    # --- curriculum ---------------------------------------------------------------
     curriculum: bool = False
     """Start with few open channels and unlock the next one whenever the validation loss
     plateaus, so the run discovers how many channels the data needs."""
@@ -213,20 +187,175 @@ class Config:
     kick_prior_scale: float = 0.5
     """Multiplies the logit-MoG term during a kick (>= 0)."""
 
-    # --- optimisation ----------------------------------------------------------------
-    learning_rate: float = 2e-3
-    """AdamW learning rate (> 0)."""
-    batch_size: int = 128
-    """Training batch size (at most the training set size)."""
-    epochs: int = 150
-    """Maximum number of epochs."""
-    patience: int = 20
-    """Early stopping: epochs without a better monitored validation metric, counted once both
-    anneals are done (0: never stop early). The best parameters are kept."""
-    monitor: Literal["loss", "neg_elbo"] = "loss"
-    """Validation metric for early stopping, the best model and curriculum unlocks. With the
-    curriculum, loss rewards each opened channel through the usage entropy (w_div < 0) while
-    neg_elbo opens one only when the ELBO pays for it."""
+    # --- checkpoints --------------------------------------------------------------
+    checkpoint_every: int = 10
+    """Save the full training state (models, optimizer states, keys, shufflers, early-stopping
+    and curriculum state, history) every this many epochs, and always at the end or when
+    interrupted (0: only then)."""
+    resume: str | None = None
+    """Continue the run in this directory, in place, up to --epochs in total, from its last
+    checkpoint. Its config.json gives every setting but --epochs (this call's), and
+    --checkpoint-every, --eval-iw-samples and --figures when this call sets them."""
+    overwrite: bool = False
+    """Replace an existing run directory given as --out-dir (only one that holds a config.json)."""
+    eval_only: bool = False
+    """Evaluate the run in --checkpoint again without training, and rewrite its evaluation,
+    figures and REPORT.md."""
+    checkpoint: str | None = None
+    """The run directory that --eval-only evaluates."""
+    eval_iw_samples: int = 50
+    """Importance samples S of the test -log p(x) estimate (iw_nll in summary.json; 0: skip)."""
+    figures: bool = True
+    """Draw the PNG figures that REPORT.md shows (--no-figures: the report without them, e.g.
+    for the many runs of a sweep)."""
+
+    # --- speed --------------------------------------------------------------------
+    top_m: int | None = OBJECTIVE.top_m
+    """Training decodes only each image's M channels with the largest routing scores, their weights
+    s renormalised over them (1 <= M <= K; M = K is exact; unset: every channel). An approximation:
+    the other channels' decoders get no reconstruction gradient from that image, and the router's
+    gradient sees only the M decoded losses. Validation, test and figures decode every channel."""
+    top_m_capacity: float = OBJECTIVE.top_m_capacity
+    """With --top-m and separate decoders: each channel decodes at most
+    min(B, ceil(capacity x B M / K)) images of a batch (>= 1); images past it are dropped from that
+    channel for the step (the mixture-of-experts capacity factor)."""
+    devices: int | None = None
+    """Data-parallel devices: each batch is sharded over this many devices (SPMD, parameters
+    replicated); unset: all of them (this process's, or every process's with --distributed).
+    --batch-size must divide by it."""
+    distributed: bool = False
+    """Join a multi-process run (several hosts, or several processes on one): each process runs
+    the same command with its own --process-id, jax.distributed connects them, and each batch is
+    sharded over every process's devices. Process 0 alone writes the run directory. Unset
+    --coordinator-address, --num-processes and --process-id are read from the environment
+    (SLURM, Open MPI, Kubernetes and Cloud TPU are detected; JAX_COORDINATOR_ADDRESS)."""
+    coordinator_address: str | None = None
+    """With --distributed: host:port of process 0, where the others connect."""
+    num_processes: int | None = None
+    """With --distributed: the number of processes."""
+    process_id: int | None = None
+    """With --distributed: this process's id, 0 .. --num-processes - 1."""
+
+
+# --help shows Config's fields in these groups, in Config's order: title -> (what the group
+# sets, its fields).
+HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "run": (
+        "What to train, how many times, and where it writes.",
+        (
+            *("preset", "seed", "seeds", "restarts", "sweep", "split_seed", "name", "out_dir"),
+            "validate_only",
+        ),
+    ),
+    "optimisation": (
+        "AdamW, batches, epochs and early stopping.",
+        ("learning_rate", "batch_size", "epochs", "patience", "monitor"),
+    ),
+    "data": ("The dataset and its splits.", ("dataset", "data_dir", "num_samples", "val_split")),
+    "model": (
+        "The networks: encoder, channel-logit head, decoders, likelihood, mixture weights.",
+        (
+            *("num_components", "latent_dim", "latent_layout", "encoder", "decoder"),
+            *("decoder_conditioning", "hidden_dim", "logit_init_scale", "likelihood"),
+            "learnable_pi",
+        ),
+    ),
+    "objective": (
+        "The loss: the c-regulariser and the weight of every term (mixvae.Objective).",
+        (
+            *("c_regularizer", "prior_mean", "prior_sigma", "prior_weight", "kl_c_weight"),
+            *("kl_c_anneal_epochs", "beta_z", "diversity_weight", "consistency_weight"),
+            *("augment_strength", "dirichlet_alpha", "dirichlet_weight"),
+        ),
+    ),
+    "router": (
+        "How the channel weights s are drawn from the logits, and the temperature's anneal.",
+        (
+            *("router", "gumbel_temperature", "gumbel_temperature_min"),
+            "gumbel_temperature_anneal_epochs",
+        ),
+    ),
+    "curriculum": (
+        "Open the channels one at a time (off by default).",
+        (
+            *("curriculum", "curriculum_start", "unlock_patience", "unlock_min_delta"),
+            *("kick_epochs", "kick_temperature", "kick_logit_bias", "kick_prior_scale"),
+        ),
+    ),
+    "checkpoints": (
+        "Checkpoints, resuming, and the evaluation (again, of a finished run).",
+        (
+            *("checkpoint_every", "resume", "overwrite", "eval_only", "checkpoint"),
+            *("eval_iw_samples", "figures"),
+        ),
+    ),
+    "speed": (
+        "Approximations and devices that make training faster.",
+        (
+            *("top_m", "top_m_capacity", "devices", "distributed", "coordinator_address"),
+            *("num_processes", "process_id"),
+        ),
+    ),
+}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string after it in the class body) as one paragraph."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in itertools.pairwise(body)
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+    }
+
+
+def grouped_flags(default: Config) -> type:
+    """The command line as tyro reads it: one dataclass per HELP_GROUPS entry (flag names without
+    a group prefix), each field's default from `default`; `to_config` turns a parsed one into a
+    Config. An optional field shows its type, not `{None}|`; an unset one "(default: unset)"."""
+    types = typing.get_type_hints(Config)
+    helps = field_help(Config)
+
+    def annotated(name: str) -> object:
+        kind, hint = types[name], {}
+        if type(None) in typing.get_args(kind):
+            (inner,) = [t for t in typing.get_args(kind) if t is not type(None)]
+            choices = typing.get_args(inner)
+            metavar = "{" + ",".join(choices) + "}" if choices else inner.__name__.upper()
+            hint = {"metavar": metavar}
+        if getattr(default, name) in (None, ()):
+            hint["help_behavior_hint"] = "(default: unset)"
+        return Annotated[kind, tyro.conf.arg(help=helps[name], **hint)]
+
+    groups = {}
+    for title, (about, names) in HELP_GROUPS.items():
+        fields = [(n, annotated(n), dataclasses.field(default=getattr(default, n))) for n in names]
+        group = dataclasses.make_dataclass(title.capitalize(), fields, frozen=True)
+        group.__doc__ = about
+        groups[title] = group
+    flags = dataclasses.make_dataclass(
+        "Flags",
+        [
+            (title, Annotated[group, tyro.conf.OmitArgPrefixes], dataclasses.field(default=group()))
+            for title, group in groups.items()
+        ],
+        frozen=True,
+    )
+    flags.__doc__ = Config.__doc__
+    return flags
+
+
+def to_config(flags: object) -> Config:
+    """A parsed `grouped_flags` instance as the flat Config."""
+    return Config(
+        **{
+            name: getattr(getattr(flags, title), name)
+            for title, (_, names) in HELP_GROUPS.items()
+            for name in names
+        }
+    )
 
 
 PRESETS: dict[str, Config] = {

@@ -78,8 +78,9 @@ IMPORTS_SEC = time.perf_counter() - IMPORTS_START
 
 
 def parse_config(argv: list[str]) -> Config:
-    """tyro flags on top of the defaults of `--preset NAME` (or of Config()). A parse error is a
-    ConfigError of one line (tyro's message without its box); --help prints and exits."""
+    """tyro flags on top of the defaults of `--preset NAME` (or of Config()), --help in
+    configs.HELP_GROUPS. A parse error is a ConfigError of one line (tyro's message without its
+    box); --help prints and exits."""
     typed = [arg[2:].split("=")[0] for arg in argv if arg.startswith("--")]
     twice = sorted({name for name in typed if typed.count(name) > 1})
     if twice:
@@ -94,7 +95,7 @@ def parse_config(argv: list[str]) -> Config:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(Config, args=argv, default=default)
+            return configs.to_config(tyro.cli(configs.grouped_flags(default), args=argv))
     except SystemExit as exit_:
         if not exit_.code:
             raise
@@ -524,8 +525,8 @@ def shuffler(seed: int, restart: int) -> np.random.Generator:
 
 def build_replicas(config: Config, input_dim: int, init_keys):
     """One model per key, stacked on a leading replica axis. Initialised by one XLA program
-    compiled at the lowest optimisation level: it runs once, and optimising threefry's unrolled
-    rounds for every initialiser took 4-6 s (eagerly, each op compiles a program of its own)."""
+    compiled at the lowest optimisation level: it runs once, so optimising threefry's unrolled
+    rounds for every initialiser would cost more than it saves (README, Speed)."""
 
     def build(keys):
         return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
@@ -754,7 +755,8 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
             # what may change between a run and its resumption: where it lives, how long it runs
             may_change = (
                 *("out_dir", "name", "overwrite", "epochs", "checkpoint_every"),
-                *("eval_iw_samples", *PROCESS_FLAGS),
+                *EVALUATION_FLAGS,
+                *PROCESS_FLAGS,
             )
             saved = dataclasses.replace(
                 config_from_json(header["config"]),
@@ -1177,16 +1179,18 @@ RUN_FILES = {
     *("checkpoint.eqx", "checkpoint.json", STATE_FILE),
 }
 PROCESS_FLAGS = {"distributed", "coordinator_address", "num_processes", "process_id"}
+EVALUATION_FLAGS = {"eval_iw_samples", "figures"}  # how a run is evaluated: --eval-only may redo it
 NOT_IN_RUN_NAME = {  # where and how a run is kept, not what it trains
     *("preset", "name", "out_dir", "overwrite", "resume", "checkpoint", "eval_only"),
-    *("validate_only", "checkpoint_every", "data_dir", "devices", "eval_iw_samples"),
+    *("validate_only", "checkpoint_every", "data_dir", "devices"),
+    *EVALUATION_FLAGS,
     *PROCESS_FLAGS,
 }
 
 
 def run_name(config: Config) -> str:
     """--name, else the preset or the c-regularizer and each flag that differs from the preset's
-    (or the global) defaults, e.g. logit_mog-prior-mean9-seed1 or mnist-seeds0_1_2."""
+    (or the global) defaults, e.g. logit_mog-seed1-prior-mean9 or mnist-seeds0_1_2."""
     if config.name is not None:
         return config.name
     default = configs.PRESETS.get(config.preset, configs.DEFAULT)
@@ -1863,6 +1867,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         lines += ["", "`compile` is part of `training` (its first epoch minus a steady one)."]
     lines += ["", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{name}](figures/{name})\n" for name, caption in figures.items()]
+    lines += [] if figures else ["None drawn (--no-figures)."]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
 
 
@@ -1937,13 +1942,10 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
             + " | ".join(number(s["evaluation"][name]) for s in summaries)
             + " |"
         )
-    plot_seed_curves(run_dir, seeds)
-    lines += [
-        "",
-        "![per-seed validation curves](figures/seeds.png)",
-        "",
-        *config_table(config),
-    ]
+    if config.figures:
+        plot_seed_curves(run_dir, seeds)
+        lines += ["", "![per-seed validation curves](figures/seeds.png)"]
+    lines += ["", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
 
@@ -2039,7 +2041,8 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     )
     for file, table in (("sweep.csv", rows), ("sweep_points.csv", point_rows)):
         atomic_write(run_dir / file, lambda f, t=table: f.write(history_csv(t, True).encode()))
-    plot_sweep(run_dir / "figures", names, metrics, point_rows)
+    if config.figures:
+        plot_sweep(run_dir / "figures", names, metrics, rows, point_rows)
     seeds = replica_seeds(config)
     lines = [
         f"# Sweep report: {run_dir.name}",
@@ -2067,9 +2070,8 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
             for name in metrics
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![sweep](figures/sweep.png)"] if config.figures else []
     lines += [
-        "",
-        "![sweep](figures/sweep.png)",
         "",
         "Per run: `sweep.csv`; per point: `sweep_points.csv`; each point's directory is laid out "
         "as a run of its flags (with several seeds, `seed_<s>/` each and their mean ± std).",
@@ -2080,9 +2082,13 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     print(f"report ({len(point_rows)} sweep points): {run_dir / 'REPORT.md'}")
 
 
-def plot_sweep(fig_dir: Path, names: list[str], metrics: dict, point_rows: list[dict]) -> None:
+def plot_sweep(
+    fig_dir: Path, names: list[str], metrics: dict, rows: list[dict], point_rows: list[dict]
+) -> None:
     """figures/sweep.png: each metric (mean +- std over seeds) against the first swept value, or
-    against M / sigma when both are swept; one line per value of the other swept names."""
+    against M / sigma when both are swept, one line per value of the other swept names; and,
+    with the IW-NLL, the trade of clustering against likelihood: each run's test accuracy
+    against its IW-NLL, one colour per point."""
     fig_dir.mkdir(exist_ok=True)
     ratio = {"prior_mean", "prior_sigma"} <= set(names)
     x_name = "M / sigma" if ratio else configs.flag(names[0])
@@ -2094,8 +2100,9 @@ def plot_sweep(fig_dir: Path, names: list[str], metrics: dict, point_rows: list[
     series = {}
     for row in point_rows:
         series.setdefault(tuple(row[n] for n in others), []).append(row)
-    fig, axes = plt.subplots(2, 4, figsize=(13, 6.4))
-    for ax in axes.flat[len(metrics) :]:
+    trade = "iw_nll" in metrics
+    fig, axes = plt.subplots(3, 3, figsize=(12, 9.6))
+    for ax in axes.flat[len(metrics) + trade :]:
         ax.set_visible(False)
     for ax, (name, label) in zip(axes.flat, metrics.items(), strict=False):
         for values, points in series.items():
@@ -2117,6 +2124,21 @@ def plot_sweep(fig_dir: Path, names: list[str], metrics: dict, point_rows: list[
         ax.grid(alpha=0.3)
     if others:
         axes.flat[0].legend(fontsize=8)
+    if trade:
+        ax = axes.flat[len(metrics)]
+        for point in point_rows:
+            runs = [row for row in rows if all(row[n] == point[n] for n in names)]
+            ax.scatter(
+                [row["iw_nll"] for row in runs],
+                [row["cluster_accuracy"] for row in runs],
+                label=point["dir"],
+                s=18,
+            )
+        ax.set_title("each run: accuracy against IW-NLL")
+        ax.set_xlabel("test IW-NLL (nats)")
+        ax.set_ylabel("test cluster accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(fig_dir / "sweep.png", dpi=110)
     plt.close(fig)
@@ -2215,20 +2237,20 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | Non
     print(f"would write the run to {where}/ (nothing trained, nothing written)")
 
 
-RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", "eval_iw_samples", *PROCESS_FLAGS}
+RESUME_FLAGS = {"resume", "epochs", "checkpoint_every", *EVALUATION_FLAGS, *PROCESS_FLAGS}
 
 
 def resumed_config(config: Config, given: set[str]) -> Config:
     """--resume RUN_DIR: the run's saved config, with this call's --epochs (default: the run's
-    own), --checkpoint-every and --eval-iw-samples where given. Any other flag is refused by name:
-    a resumed run keeps its configuration."""
+    own), --checkpoint-every, --eval-iw-samples and --figures where given. Any other flag is
+    refused by name: a resumed run keeps its configuration."""
     problem = f"--resume={config.resume!r} is not allowed"
     other = sorted(given - RESUME_FLAGS)
     if other:
         raise ConfigError(
             f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
-            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples and "
-            "the --distributed flags change"
+            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples, "
+            "--figures and the --distributed flags change"
         )
     try:
         saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
@@ -2420,10 +2442,12 @@ def evaluate_and_report(
     )
     for warning in summary["warnings"] if jax.process_index() == 0 else []:
         print(f"warning ({run_dir}): {warning}", file=sys.stderr)
-    with timed(timings, "figures"):
-        figures = plot_figures(
-            run_dir / "figures", config, data, result, responsibilities, usage, figure_key
-        )
+    figures = {}
+    if config.figures:
+        with timed(timings, "figures"):
+            figures = plot_figures(
+                run_dir / "figures", config, data, result, responsibilities, usage, figure_key
+            )
     summary["timing_sec"] = {phase: round(seconds, 3) for phase, seconds in timings.items()}
     with timed(timings, "report"):
         write_report(run_dir, config, summary, figures)
@@ -2467,6 +2491,11 @@ def failure_warnings(result: TrainResult, metrics: dict, responsibilities, label
     return warnings
 
 
+def evaluation_flags(config: Config) -> dict:
+    """This call's --eval-iw-samples and --figures, which --eval-only applies to a saved run."""
+    return {name: getattr(config, name) for name in EVALUATION_FLAGS}
+
+
 def config_from_json(saved: dict) -> Config:
     tuples = {name: tuple(saved.get(name, ())) for name in ("seeds", "sweep")}
     return Config(**{**saved, **tuples})
@@ -2474,9 +2503,9 @@ def config_from_json(saved: dict) -> Config:
 
 def reevaluate(config: Config) -> Path:
     """--eval-only --checkpoint RUN_DIR: evaluate the saved best model(s) again (with this call's
-    --eval-iw-samples) and rewrite the run's evaluation, figures and REPORT.md; no training. A
-    --seeds run or a sweep is re-evaluated seed by seed, then its mean +- std and sweep reports
-    are rewritten."""
+    --eval-iw-samples and --figures) and rewrite the run's evaluation, figures and REPORT.md; no
+    training. A --seeds run or a sweep is re-evaluated seed by seed, then its mean +- std and
+    sweep reports are rewritten."""
     run_dir = Path(config.checkpoint)
     if (run_dir / STATE_FILE).is_file() and not any(run_dir.rglob("checkpoint.eqx")):
         raise ConfigError(
@@ -2491,7 +2520,7 @@ def reevaluate(config: Config) -> Path:
     if saved is None:
         reevaluate_run(run_dir, config)
         return run_dir
-    saved = dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples)
+    saved = dataclasses.replace(saved, **evaluation_flags(config))
     summaries = [reevaluate_run(directory, config) for directory in seed_dirs(run_dir, saved)]
     write_group_reports(run_dir, saved, summaries)
     return run_dir
@@ -2507,7 +2536,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
         )
     try:
         saved = config_from_json(json.loads((run_dir / "checkpoint.json").read_text())["config"])
-        saved = configs.validate(dataclasses.replace(saved, eval_iw_samples=config.eval_iw_samples))
+        saved = configs.validate(dataclasses.replace(saved, **evaluation_flags(config)))
         summary = json.loads((run_dir / "summary.json").read_text())
         with open(run_dir / "history.csv") as f:
             history = [
@@ -2563,7 +2592,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
 
 def enable_compilation_cache() -> None:
     """Keep XLA executables on disk (as JAX_COMPILATION_CACHE_DIR would), so a rerun of the same
-    shapes skips compilation: the usage line takes ~18 s instead of ~30 s from its second run."""
+    shapes skips compilation (README, Speed: the usage line cold and warm)."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         jax.config.update("jax_compilation_cache_dir", str(cache_home / "mixvae" / "xla"))
