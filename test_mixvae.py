@@ -1135,6 +1135,7 @@ def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
                 "4",
                 "--eval-iw-samples",
                 "2",
+                "--no-figures",
             ]
         )
         == 0
@@ -1142,7 +1143,8 @@ def test_eval_only_reevaluates_a_saved_run_without_training(tmp_path):
     before = json.loads((out / "summary.json").read_text())
     history = (out / "history.csv").read_text()
     (out / "REPORT.md").unlink()
-    assert train.main(["--eval-only", "--checkpoint", str(out), "--eval-iw-samples", "8"]) == 0
+    again = ["--eval-only", "--checkpoint", str(out), "--eval-iw-samples", "8", "--no-figures"]
+    assert train.main(again) == 0
     after = json.loads((out / "summary.json").read_text())
     assert (out / "history.csv").read_text() == history and (out / "REPORT.md").is_file()
     assert after["training"] == before["training"] and after["evaluation"]["iw_samples"] == 8
