@@ -2249,8 +2249,11 @@ def resumed_config(config: Config, given: set[str]) -> Config:
     if other:
         raise ConfigError(
             f"{problem} with {', '.join(configs.flag(name) for name in other)}: a resumed run "
-            "keeps its config.json; only --epochs, --checkpoint-every, --eval-iw-samples, "
-            "--figures and the --distributed flags change"
+            "keeps its config.json; only "
+            + ", ".join(
+                configs.flag(name) for name in sorted(RESUME_FLAGS - PROCESS_FLAGS - {"resume"})
+            )
+            + " and the --distributed flags change"
         )
     try:
         saved = config_from_json(json.loads((Path(config.resume) / "config.json").read_text()))
