@@ -1655,6 +1655,7 @@ def test_report_tables_hold_what_differs_and_never_a_negative_zero():
     table = "\n".join(train.config_table(configs.Config(prior_mean=9.0, seed=3)))
     assert "| `--prior-mean` | `9.0` |" in table and "| `--seed` | `3` |" in table
     assert "--prior-sigma" not in table and "--validate-only" not in table
+    assert "Every flag at its default" in "\n".join(train.config_table(configs.Config()))
     preset = "\n".join(train.config_table(train.parse_config(["--preset", "mnist"])))
     assert "| `--preset` | `mnist` |" in preset and "--dataset" not in preset
 

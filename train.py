@@ -1696,6 +1696,8 @@ def config_table(config: Config) -> list[str]:
         if getattr(config, field.name) != getattr(default, field.name) or field.name == "preset"
     }
     changed = {k: v for k, v in changed.items() if v is not None}
+    if not changed:
+        return ["## Config", "", "Every flag at its default; `config.json` holds every setting."]
     return [
         "## Config",
         "",
