@@ -4,12 +4,14 @@ steps, and (further down) the program end to end."""
 import csv
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import equinox as eqx
@@ -682,6 +684,28 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     assert train.main(["--out-dir", str(tmp_path), "--epochs", "1"]) == 2
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_validation_and_evaluation_compile_ahead_once_each(tmp_path, caplog):
+    """run() compiles the validation, both evaluation shapes (test, training split) and the
+    IW-NLL in threads while the epoch compiles; their calls find them compiled. A call whose
+    arguments differ from the ahead-of-time ones (shardings, say) would compile a second time.
+    K = 3 and width 24: shapes no other test compiles in this process."""
+    args = ["--out-dir", str(tmp_path / "run"), "--epochs", "2", "--no-figures"]
+    args += ["--num-components", "3", "--hidden-dim", "24", "--eval-iw-samples", "2"]
+    jax.config.update("jax_log_compiles", True)  # in every thread (jax.log_compiles: this one)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert train.main(args) == 0
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = Counter(
+        match[1]
+        for record in caplog.records
+        if (match := re.match(r"Compiling jit\((\w+)\)", record.getMessage()))
+    )
+    assert compiled["train_replicas"] == 1 and compiled["validate_replicas"] == 1
+    assert compiled["evaluate"] == 2 and compiled["evaluate_iw"] == 1
 
 
 def test_a_short_run_writes_every_artifact(tmp_path):
@@ -1372,10 +1396,15 @@ def test_two_processes_train_as_one_four_device_run_with_one_writer(tmp_path):
     for args in (first, [*then, "--epochs", "2"]):
         for code, _, stderr in launch(args, 2, tmp_path, processes=2):
             assert code == 0, stderr[-2000:]
-    for devices in (4, 1):  # one process: SPMD over its 4 forced devices, and on 1 device
-        args = ["--out-dir", str(tmp_path / f"devices{devices}"), "--devices", str(devices)]
-        [(code, _, stderr)] = launch([*args, "--epochs", "2", *flags], 4, tmp_path)
-        assert code == 0, stderr[-2000:]
+    # one process: SPMD over its 4 forced devices, and (this one) on 1 device
+    [(code, _, stderr)] = launch(
+        ["--out-dir", str(tmp_path / "devices4"), "--devices", "4", "--epochs", "2", *flags],
+        4,
+        tmp_path,
+    )
+    assert code == 0, stderr[-2000:]
+    one_device = ["--out-dir", str(tmp_path / "devices1"), "--devices", "1", "--epochs", "2"]
+    assert train.main([*one_device, *flags]) == 0
     for seed in (0, 1):
         runs = [run, tmp_path / "devices4", tmp_path / "devices1"]
         two, four, one = (metrics_of(read_history(d / f"seed_{seed}")) for d in runs)

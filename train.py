@@ -867,6 +867,34 @@ def non_finite(epoch_metrics, val_metrics, running) -> dict[int, str]:
     return broken
 
 
+def compile_program(function, *args) -> None:
+    """Compile a jitted function for these arguments, ahead of its call: the call then finds the
+    program compiled (same shapes, dtypes, shardings and static values)."""
+    function.lower(*args).compile()
+
+
+def in_background(work, *args):
+    """Start work(*args) in a daemon thread; returns a function that waits for it and raises
+    its error, if any. For compilations: XLA compiles without holding the GIL."""
+    errors = []
+
+    def target():
+        try:
+            work(*args)
+        except Exception as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=target, name=work.__name__, daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    return wait
+
+
 def train(
     config: Config, data: Dataset, state: TrainState, run_dir: Path
 ) -> tuple[list[TrainResult], Outcome]:
@@ -903,6 +931,14 @@ def train(
     def mean(name, rows):  # over the replicas that trained this epoch
         return float(np.mean([row[name] for row, on in zip(rows, ran, strict=True) if on]))
 
+    validation_compiled = in_background(
+        compile_program,
+        mixvae.validate_replicas,
+        state.models,
+        val_images,
+        schedule(config, state.epoch, k_active),
+        objective,
+    )  # while the main thread compiles the epoch
     start, saved_epoch, time_before = time.perf_counter(), state.epoch, state.training_time
     with (
         StopRequest() as stop,
@@ -941,6 +977,7 @@ def train(
             )
             epoch_metrics = summarize_replicas(step_metrics)
             train_metrics = replica_floats(epoch_metrics)
+            validation_compiled()
             val_metrics = replica_floats(
                 mixvae.validate_replicas(models, val_images, sched, objective)
             )
@@ -1087,24 +1124,44 @@ def clustering_scores(channels, labels, train_channels, train_labels) -> dict[st
     }
 
 
-def evaluate_split(model, config: Config, images, k_active: int):
-    objective = build_objective(config)  # its floats as arrays: one compile for every sweep point
+def evaluation_inputs(model, config: Config, images, k_active: int) -> tuple:
+    """mixvae.evaluate's arguments: the objective's floats as arrays, so that one compiled
+    program serves every sweep point."""
+    objective = build_objective(config)
     floats = {name: jnp.float32(getattr(objective, name)) for name in configs.OBJECTIVE_FLOATS}
-    metrics, terms = mixvae.evaluate(
+    return (
         model,
         jax.device_put(images),
         schedule(config, config.epochs, k_active),
         dataclasses.replace(objective, **floats),
     )
+
+
+def iw_inputs(model, config: Config, images, k_active: int, key) -> tuple:
+    """mixvae.evaluate_iw's arguments: --eval-iw-samples samples per image."""
+    return model, images, key, schedule(config, config.epochs, k_active), config.eval_iw_samples
+
+
+def evaluate_split(model, config: Config, images, k_active: int):
+    metrics, terms = mixvae.evaluate(*evaluation_inputs(model, config, images, k_active))
     return metrics, np.asarray(terms.responsibilities)
 
 
 def iw_nll(model, config: Config, images, k_active: int, key) -> float:
     """Test -log p(x) by importance weighting with --eval-iw-samples samples."""
-    log_likelihood = mixvae.evaluate_iw(
-        model, images, key, schedule(config, config.epochs, k_active), config.eval_iw_samples
-    )
+    log_likelihood = mixvae.evaluate_iw(*iw_inputs(model, config, images, k_active, key))
     return float(-jnp.mean(log_likelihood))
+
+
+def compile_evaluation(model, config: Config, data: Dataset) -> None:
+    """Compile the test evaluation's programs for `model`'s shapes: mixvae.evaluate on the test
+    and training splits and the IW-NLL (run() does it in a thread while the training runs)."""
+    k = config.num_components
+    for images in (data.test.images, data.train.images):
+        compile_program(mixvae.evaluate, *evaluation_inputs(model, config, images, k))
+    if config.eval_iw_samples:
+        key = jax.random.key(config.seed)
+        compile_program(mixvae.evaluate_iw, *iw_inputs(model, config, data.test.images, k, key))
 
 
 def evaluation(model, config: Config, data: Dataset, k_active: int):
@@ -1616,7 +1673,9 @@ def plot_figures(
     members = [np.flatnonzero(channels == k)[:columns] for k in rows_shown]
     picked = np.concatenate(members)  # only the images on the grid are decoded, padded
     picked = np.pad(picked, (0, len(rows_shown) * columns - len(picked)))
-    z = jax.random.normal(key, (num_components, columns, config.latent_dim))
+    z = np.random.default_rng(np.asarray(jax.random.key_data(key))).standard_normal(
+        (num_components, columns, config.latent_dim), dtype=np.float32
+    )  # drawn by numpy: jax.random.normal would compile a program for this one draw
     decoded, samples = figure_decodes(model, jnp.asarray(data.test.images[picked]), z)
     images = np.asarray(mixvae.to_unit_interval(data.test.images[picked]))
     tiles = np.full((len(rows_shown), 2 * columns + 1, num_pixels), np.nan)  # blank column between
@@ -2336,10 +2395,13 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
                 directory.mkdir()
                 write_json(directory / "config.json", dataclasses.asdict(seed_config))
     print(f"run directory: {run_dir} ({describe_replicas(config)})")
+    placed = put(replica(state.models, 0), NamedSharding(mesh, P()))  # as train() places it
+    evaluation_compiled = in_background(compile_evaluation, placed, config, data)
     try:
         with timed(timings, "training"):
             results, outcome = train(config, data, state, run_dir)
         timings["compile"] = results[0].compile_time  # included in training
+        evaluation_compiled()
     finally:
         if replaced is not None:
             settle_overwrite(run_dir, replaced, trained=state.epoch > 0)
