@@ -35,6 +35,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 
 import configs
@@ -312,45 +313,92 @@ def result_rows(dataset: str) -> dict[str, list[str]]:
     return rows
 
 
+def result_row(run_dir: str, seeds: list[int], command: str, wall_sec: float) -> dict:
+    """One results-table row from a finished `train.py --seeds ...` run directory: each test
+    metric's mean +- sample std over the seeds and its value per seed."""
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    seed_files = [os.path.join(run_dir, f"seed_{seed}", "summary.json") for seed in seeds]
+    evaluations = (
+        [json.load(open(path))["evaluation"] for path in seed_files]
+        if len(seeds) > 1
+        else [summary["evaluation"]]
+    )
+    return {
+        "command": command,
+        **{metric: summary["evaluation"][metric] for metric in RESULT_METRICS},
+        "per_seed": {metric: [e[metric] for e in evaluations] for metric in RESULT_METRICS},
+        "wall_sec": wall_sec,
+    }
+
+
 def results_tables(dataset: str, seeds: list[int], out_dir: str) -> dict:
-    """Every row of result_rows as one `train.py --seeds ...` process; mean +- sample std over
-    the seeds of each test metric and the whole process's wall time; writes results-<dataset>.md
-    and .json into out_dir (the README's results tables)."""
+    """Every row of result_rows as one `train.py --seeds ...` process; writes results-<dataset>
+    .md (the README's table), .json (every number, per seed too) and .png (accuracy against
+    IW-NLL, each seed a point) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     seed_flags = ["--seeds", *map(str, seeds)]
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, flags) in enumerate(result_rows(dataset).items()):
-            args = [*RESULT_BASE[dataset], *flags, *seed_flags, "--out-dir", f"{tmp}/{i}"]
+            args = [*RESULT_BASE[dataset], *flags, *seed_flags]
             start = time.perf_counter()
-            subprocess.run([sys.executable, "train.py", *args], check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "train.py", *args, "--out-dir", f"{tmp}/{i}"],
+                check=True,
+                capture_output=True,
+            )
             wall = time.perf_counter() - start
-            summary = json.load(open(f"{tmp}/{i}/summary.json"))
-            table[name] = {
-                "command": "python train.py " + " ".join(args[:-2]),
-                **{metric: summary["evaluation"][metric] for metric in RESULT_METRICS},
-                "wall_sec": wall,
-            }
+            table[name] = result_row(f"{tmp}/{i}", seeds, "python train.py " + " ".join(args), wall)
             print(f"{name}: {table[name]}", flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.default_backend()}"
-    result = {"dataset": dataset, "seeds": seeds, "machine": machine, "rows": table}
+    return write_results(
+        out_dir, {"dataset": dataset, "seeds": seeds, "machine": machine, "rows": table}
+    )
+
+
+def write_results(out_dir: str, result: dict) -> dict:
+    """results-<dataset>.md, .json and .png of results_tables' `result`."""
+    dataset, seeds, table = result["dataset"], result["seeds"], result["rows"]
     columns = ["accuracy", "NMI", "ARI", "confidence", "IW-NLL"]
     lines = [
         f"Test split, best model per seed; mean ± sample std over seeds "
-        f"{', '.join(map(str, seeds))} (one `--seeds` process per row; {machine}).",
+        f"{', '.join(map(str, seeds))} (one `--seeds` process per row; {result['machine']}).",
         "",
-        "| run | " + " | ".join(columns) + " | wall |",
-        "|---|" + "---|" * (len(columns) + 1),
+        "| run | " + " | ".join(columns) + " | wall | per seed (accuracy) |",
+        "|---|" + "---|" * (len(columns) + 2),
     ]
     for name, row in table.items():
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in RESULT_METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['wall_sec']:.0f} s |")
+        per_seed = " / ".join(f"{a:.3f}" for a in row["per_seed"]["cluster_accuracy"])
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {row['wall_sec']:.0f} s | {per_seed} |"
+        )
     lines += ["", "Commands (`--out-dir` aside):", ""]
     lines += [f"- {name}: `{row['command']}`" for name, row in table.items()]
     with open(os.path.join(out_dir, f"results-{dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, f"results-{dataset}.json"), "w") as f:
         json.dump(result, f, indent=2)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in table.items():
+        points = ax.scatter(row["per_seed"]["iw_nll"], row["per_seed"]["cluster_accuracy"], s=18)
+        ax.scatter(
+            row["iw_nll"]["mean"],
+            row["cluster_accuracy"]["mean"],
+            s=90,
+            marker="D",
+            color=points.get_facecolor(),
+            edgecolor="black",
+            label=name,
+        )
+    ax.set_xlabel("test IW-NLL (nats, lower is better)")
+    ax.set_ylabel("test cluster accuracy")
+    ax.set_title(f"{dataset}: each seed a dot, the row's mean a diamond", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"results-{dataset}.png"), dpi=110)
+    plt.close(fig)
     return result
 
 

@@ -978,6 +978,38 @@ def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
     assert flops == 3 * 2 * 4 * (encoder + decoders)
 
 
+def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
+    """bench.py --results: a row read from a `--seeds 0 1 2` run directory as train.py writes it
+    (summary.json with each metric's mean and std, seed_<s>/summary.json), then the markdown,
+    JSON and figure."""
+    import bench
+
+    accuracy, iw = [0.9, 0.8, 0.95], [117.0, 118.5, 116.9]
+    run = tmp_path / "run"
+    for seed in range(3):
+        evaluation = {metric: 0.5 for metric in bench.RESULT_METRICS}
+        evaluation |= {"cluster_accuracy": accuracy[seed], "iw_nll": iw[seed]}
+        (run / f"seed_{seed}").mkdir(parents=True)
+        (run / f"seed_{seed}" / "summary.json").write_text(json.dumps({"evaluation": evaluation}))
+    stats = {
+        metric: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))}
+        for metric, v in [("cluster_accuracy", accuracy), ("iw_nll", iw)]
+    }
+    stats |= {m: {"mean": 0.5, "std": 0.0} for m in bench.RESULT_METRICS if m not in stats}
+    (run / "summary.json").write_text(json.dumps({"evaluation": stats}))
+    row = bench.result_row(str(run), [0, 1, 2], "python train.py --seeds 0 1 2", 12.3)
+    assert row["per_seed"]["cluster_accuracy"] == accuracy and row["per_seed"]["iw_nll"] == iw
+    result = {"dataset": "toy", "seeds": [0, 1, 2], "machine": "here", "rows": {"a": row}}
+    bench.write_results(str(tmp_path), result)
+    table = (tmp_path / "results-toy.md").read_text()
+    assert "| a | 0.883 ± 0.076 | 0.500 ± 0.000 |" in table and "| 117.467 ± 0.896 |" in table
+    assert (
+        "| 12 s | 0.900 / 0.800 / 0.950 |" in table and "`python train.py --seeds 0 1 2`" in table
+    )
+    assert json.loads((tmp_path / "results-toy.json").read_text()) == result
+    assert (tmp_path / "results-toy.png").stat().st_size > 10_000
+
+
 # --------------------------------------------------------------------------------------
 # MNIST-style data: IDX files, checksums, errors
 # --------------------------------------------------------------------------------------

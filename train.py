@@ -1155,7 +1155,8 @@ def iw_nll(model, config: Config, images, k_active: int, key) -> float:
 
 def compile_evaluation(model, config: Config, data: Dataset) -> None:
     """Compile the test evaluation's programs for `model`'s shapes: mixvae.evaluate on the test
-    and training splits and the IW-NLL (run() does it in a thread while the training runs)."""
+    and training splits and the IW-NLL (run() does it in a thread while the training runs). The
+    open channels and the key are arrays: any value compiles the program the calls use."""
     k = config.num_components
     for images in (data.test.images, data.train.images):
         compile_program(mixvae.evaluate, *evaluation_inputs(model, config, images, k))
