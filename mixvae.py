@@ -608,7 +608,10 @@ def summed_kl_z(model: MixVAE, kl_z, mask):
 
 def neg_elbo(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
     """-ELBO of the mixture posterior q(c|x) = r, batch mean:
-    E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi); with top_m, E_r over the decoded channels."""
+    E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi); with top_m, E_r over the decoded channels.
+    z_c is the forward pass's: one sample in training, the posterior mean mu_c in evaluation
+    and validation (no noise) -- there a plug-in value, not a bound on -log p(x): it can fall
+    below the IW-NLL when the decoder is sharp around mu (K = 1 at D = 16 on MNIST)."""
     mask = sched.active_mask
     r = terms.responsibilities
     r_decoded = r if objective.top_m is None else restrict(r, terms.decoded_mask)
@@ -660,7 +663,7 @@ METRICS = {
     "loss_dirichlet": "w_dir (-(alpha - 1) sum_k log pi_k), as added to L",
     "loss_diversity": "w_div H(E_batch r), as added to L (< 0 for w_div < 0)",
     "loss_consistency": "w_cons symmetric KL(r(x), r(warped x)), as added to L",
-    "neg_elbo": "-ELBO with q(c|x) = r, nats per example",
+    "neg_elbo": "-ELBO with q(c|x) = r (z = mu when evaluating), nats per example",
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
