@@ -19,6 +19,7 @@ transposed (a vmapped eqx.nn.Linear makes XLA transpose its [out, B] result).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -1043,9 +1044,12 @@ def dispatch(decoders: ChannelDecoders, z, channels, capacity):
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
 def make_optimizer(learning_rate, *, weight_decay=1e-4, clip_norm=10.0):
     """Global-norm clipping, then AdamW. The learning rate lives in the optimizer state
-    (optax.inject_hyperparams), so replicas may each have their own: see with_learning_rate."""
+    (optax.inject_hyperparams), so replicas may each have their own: see with_learning_rate.
+    The same settings give the same optimizer object: steps that take it as a static argument
+    compile once per process."""
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.inject_hyperparams(

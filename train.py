@@ -31,6 +31,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import io
@@ -343,21 +344,24 @@ def put(tree, sharding):
     return eqx.combine(jax.device_put(arrays, sharding), static)
 
 
-def build_model(config: Config, input_dim: int, key):
-    return mixvae.MixVAE(
-        key,
-        input_dim=input_dim,
-        num_components=config.num_components,
-        latent_dim=config.latent_dim,
-        latent_layout=config.latent_layout,
-        encoder=config.encoder,
-        decoder=config.decoder,
-        conditioning=config.decoder_conditioning,
-        likelihood=config.likelihood,
-        width=config.hidden_dim,
-        logit_init_scale=config.logit_init_scale,
-        learnable_pi=config.learnable_pi,
+def model_settings(config: Config) -> tuple[tuple[str, object], ...]:
+    """The mixvae.MixVAE keyword arguments that the config sets, as (name, value) pairs."""
+    return (
+        ("num_components", config.num_components),
+        ("latent_dim", config.latent_dim),
+        ("latent_layout", config.latent_layout),
+        ("encoder", config.encoder),
+        ("decoder", config.decoder),
+        ("conditioning", config.decoder_conditioning),
+        ("likelihood", config.likelihood),
+        ("width", config.hidden_dim),
+        ("logit_init_scale", config.logit_init_scale),
+        ("learnable_pi", config.learnable_pi),
     )
+
+
+def build_model(config: Config, input_dim: int, key):
+    return mixvae.MixVAE(key, input_dim=input_dim, **dict(model_settings(config)))
 
 
 def build_objective(config: Config):
@@ -524,27 +528,35 @@ def shuffler(seed: int, restart: int) -> np.random.Generator:
 
 
 def build_replicas(config: Config, input_dim: int, init_keys):
-    """One model per key, stacked on a leading replica axis. Initialised by one XLA program
-    compiled at the lowest optimisation level: it runs once, so optimising threefry's unrolled
-    rounds for every initialiser would cost more than it saves (README, Speed)."""
+    """One model per key, stacked on a leading replica axis."""
+    program, static = init_program(model_settings(config), input_dim, len(init_keys))
+    return eqx.combine(program(init_keys), static)
+
+
+@functools.cache
+def init_program(settings: tuple, input_dim: int, count: int):
+    """(compiled initialiser of `count` stacked models: keys [count] -> their arrays, the
+    models' non-array parts), once per process for each architecture. Compiled at the lowest
+    optimisation level: it runs once, so optimising threefry's unrolled rounds for every
+    initialiser would cost more than it saves (README, Speed)."""
 
     def build(keys):
-        return eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(keys)
+        model = functools.partial(mixvae.MixVAE, input_dim=input_dim, **dict(settings))
+        return eqx.filter_vmap(model)(keys)
 
     def arrays(keys):
         return eqx.filter(build(keys), eqx.is_array)
 
+    keys = jax.ShapeDtypeStruct((count,), jax.random.key(0).dtype)
     program = (
-        jax.jit(arrays)
-        .lower(init_keys)
-        .compile(compiler_options={"xla_backend_optimization_level": 0})
+        jax.jit(arrays).lower(keys).compile(compiler_options={"xla_backend_optimization_level": 0})
     )
     static = eqx.filter(
-        eqx.filter_eval_shape(build, init_keys),
+        eqx.filter_eval_shape(build, keys),
         lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct),
         inverse=True,
     )
-    return eqx.combine(program(init_keys), static)
+    return program, static
 
 
 def replica(stacked, r: int):
@@ -661,16 +673,19 @@ class TrainState:
     diverged: list = dataclasses.field(default_factory=list)  # per replica: why it stopped, or ""
 
 
+@eqx.filter_jit
+def init_optimizers(optimizer, models):
+    """The optimizer state of each stacked replica."""
+    return eqx.filter_vmap(functools.partial(mixvae.init_optimizer, optimizer))(models)
+
+
 def initial_state(config: Config, input_dim: int) -> TrainState:
     """Fresh replicas, one per (seed, restart): models from their init keys, training keys,
     shufflers."""
     pairs = replicas(config)
     keys = replica_keys(pairs)  # [R, 4]: init, train, figures, importance sampling
     models = build_replicas(config, input_dim, keys[:, 0])
-    optimizer = mixvae.make_optimizer(config.learning_rate)
-    opt_states = eqx.filter_jit(
-        eqx.filter_vmap(lambda model: mixvae.init_optimizer(optimizer, model))
-    )(models)
+    opt_states = init_optimizers(mixvae.make_optimizer(config.learning_rate), models)
     if "learning_rate" in swept_names(config):
         opt_states = mixvae.with_learning_rate(opt_states, replica_values(config, "learning_rate"))
     count = len(pairs)
