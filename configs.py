@@ -80,7 +80,8 @@ class Config:
     """Maximum number of epochs."""
     patience: int = 20
     """Early stopping: epochs without a better monitored validation metric, counted once both
-    anneals are done (0: never stop early). The best parameters are kept."""
+    anneals are done (0: never stop early). The best parameters are kept. Under the curriculum the
+    count and the best value restart at each unlock, and kick epochs are not compared."""
     monitor: Literal["loss", "neg_elbo"] = "loss"
     """Validation metric for early stopping, the best model and curriculum unlocks. With the
     curriculum, loss rewards each opened channel through the usage entropy (w_div < 0) while
@@ -173,13 +174,16 @@ class Config:
     curriculum_start: int = 1
     """Open channels at the start (1..K)."""
     unlock_patience: int = 5
-    """Epochs without a relative improvement of --unlock-min-delta in the validation loss that
-    unlock the next channel. Unlocking stops at K, or when the last unlock did not improve the
-    loss within this window."""
+    """Epochs without an improvement of the validation loss by --unlock-min-delta that unlock
+    the next channel. Unlocking stops at K, or when the last unlock did not improve the loss
+    within this window. Each channel trains to a plateau first: on digits about 35 epochs a
+    channel, so open all ten with --epochs 500."""
     unlock_min_delta: float = 0.002
-    """Relative improvement of the validation loss that counts (>= 0)."""
+    """Improvement of the validation loss that counts, as a fraction of the validation -ELBO
+    (>= 0; the loss itself can be near zero)."""
     kick_epochs: int = 3
-    """Epochs after an unlock during which routing is softened (0: no kick)."""
+    """Epochs after an unlock during which routing is softened (0: no kick). Their validation
+    losses count neither for unlocking nor for the best model."""
     kick_temperature: float = 2.0
     """Router temperature during a kick, at least the scheduled one; straight-through is off."""
     kick_logit_bias: float = 2.0

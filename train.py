@@ -386,9 +386,12 @@ def build_objective(config: Config):
 @dataclasses.dataclass
 class Curriculum:
     """Plateau-driven channel unlocking ("pots"). Call `update` once per epoch with the monitored
-    validation loss; a channel opens when it has not improved (relatively, by min_delta) for
-    `patience` epochs, and each unlock starts a kick of `kick_epochs` epochs. Unlocking stops at
-    K, or when the plateau after an unlock is no better than the plateau before it."""
+    validation loss and the validation -ELBO; a channel opens when the loss has not improved by
+    min_delta x (-ELBO) for `patience` epochs, and each unlock starts a kick of `kick_epochs`
+    epochs. The -ELBO sets the scale because the loss itself can be near zero (the usage-entropy
+    reward offsets the -ELBO). Kick epochs train a softened objective, so their losses are
+    neither compared nor counted. Unlocking stops at K, or when the plateau after an unlock is no
+    better than the plateau before it."""
 
     num_components: int
     k_active: int
@@ -414,13 +417,16 @@ class Curriculum:
             config.kick_epochs,
         )
 
-    def improves_on(self, loss: float, reference: float) -> bool:
-        return reference == float("inf") or loss < reference - self.min_delta * abs(reference)
-
-    def update(self, epoch: int, monitored: float) -> bool:
+    def update(self, epoch: int, monitored: float, neg_elbo: float) -> bool:
         """Record epoch `epoch` (1-based); return True when a channel opens for the next epoch."""
-        self.kick_left = max(0, self.kick_left - 1)
-        if self.improves_on(monitored, self.best):
+        if self.kick_left > 0:
+            self.kick_left -= 1
+            return False
+
+        def improves_on(loss: float, reference: float) -> bool:
+            return loss < reference - self.min_delta * abs(neg_elbo)
+
+        if improves_on(monitored, self.best):
             self.best, self.since_best = monitored, 0
         else:
             self.since_best += 1
@@ -428,7 +434,7 @@ class Curriculum:
             return False
         if self.k_active >= self.num_components or (
             self.best_before_unlock is not None
-            and not self.improves_on(self.best, self.best_before_unlock)
+            and not improves_on(self.best, self.best_before_unlock)
         ):
             self.unlocking = False
             return False
@@ -1026,7 +1032,7 @@ def train(
             )
             monitored = np.array([metrics[config.monitor] for metrics in val_metrics])
             unlocked = state.curriculum is not None and state.curriculum.update(
-                epoch + 1, monitored[0]
+                epoch + 1, monitored[0], val_metrics[0]["neg_elbo"]
             )
             saving = bool(config.checkpoint_every) and state.epoch % config.checkpoint_every == 0
             new_rows = {}
@@ -1044,7 +1050,9 @@ def train(
                     "train_state_saved": int(saving),
                 }
                 state.histories[r].append(new_rows[r])
-            if anneals_done(config, epoch):
+            if unlocked:  # the objective changes (one more open channel): compare afresh
+                state.best_value[:], state.since_best[:] = np.inf, 0
+            elif anneals_done(config, epoch) and not kick_active:
                 improved = state.running & (monitored < state.best_value)
                 state.best_models = select_replicas(
                     jnp.asarray(improved), models, state.best_models
@@ -1052,8 +1060,6 @@ def train(
                 state.best_value[improved], state.best_epoch[improved] = monitored[improved], epoch
                 state.since_best = np.where(improved, 0, state.since_best + 1)
                 state.best_k_active = k_active if improved[0] else state.best_k_active
-            if unlocked:
-                state.since_best[:] = 0  # early stopping restarts at each unlock
             stopping = np.flatnonzero(
                 state.running & (state.since_best >= config.patience) if config.patience else []
             )
@@ -1830,7 +1836,9 @@ def what_happened(config: Config, summary: dict) -> str:
     else:
         ended = f"finished all {done} epochs"
     if anneals_done(config, best - 1):
-        why = f"the lowest val {config.monitor} once the anneals had ended"
+        why = f"the lowest val {config.monitor} once the anneals had ended" + (
+            ", kick epochs excluded, within one set of open channels" if config.curriculum else ""
+        )
     else:
         why = "the last epoch: the anneals of a(e) and tau(e) never ended"
     metrics = [
@@ -2710,4 +2718,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if hasattr(
+        signal, "SIGPIPE"
+    ):  # output piped into a closed reader (`--help | head`): exit quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
