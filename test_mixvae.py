@@ -1767,6 +1767,13 @@ def test_failure_warnings_name_collapse_chance_accuracy_and_a_flat_elbo():
     assert train.failure_warnings(result, good, spread, labels) == []
     result = result._replace(best_k_active=1)  # one channel: a plain VAE, no collapse to flag
     assert train.failure_warnings(result, metrics, one_channel, labels) == []
+    curriculum = train.Curriculum(4, 2, patience=5, min_delta=0.0, kick_epochs=3)
+    result = result._replace(curriculum=curriculum)
+    assert train.failure_warnings(result, good, spread, labels) == [
+        "the curriculum ran out of epochs with 2 of 4 channels open: give more --epochs"
+    ]
+    curriculum.unlocking = False  # it stopped by its own rule: the last unlock did not help
+    assert train.failure_warnings(result, good, spread, labels) == []
 
 
 def test_a_collapsed_run_is_flagged_in_summary_report_and_stderr(tmp_path, capsys):

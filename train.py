@@ -2559,7 +2559,7 @@ def failure_warnings(result: TrainResult, metrics: dict, responsibilities, label
     """Signs of a failed run, one line each: with more than one open channel, (nearly) every
     test image in one channel, or confident routing with a clustering accuracy near chance
     (below 1.5 x the largest class's share); a validation -ELBO that never fell below its first
-    epoch's value."""
+    epoch's value; a curriculum that ran out of epochs while still unlocking."""
     warnings = []
     counts = np.bincount(responsibilities.argmax(-1), minlength=responsibilities.shape[-1])
     if result.best_k_active > 1 and counts.max() >= 0.99 * counts.sum():
@@ -2578,6 +2578,16 @@ def failure_warnings(result: TrainResult, metrics: dict, responsibilities, label
     if len(val_neg_elbo) > 1 and min(val_neg_elbo[1:]) >= val_neg_elbo[0]:
         warnings.append(
             f"the validation -ELBO never fell below its first epoch's {val_neg_elbo[0]:.2f}"
+        )
+    curriculum = result.curriculum
+    if (
+        curriculum is not None
+        and curriculum.unlocking
+        and curriculum.k_active < (curriculum.num_components)
+    ):
+        warnings.append(
+            f"the curriculum ran out of epochs with {curriculum.k_active} of "
+            f"{curriculum.num_components} channels open: give more --epochs"
         )
     return warnings
 
