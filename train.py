@@ -2580,11 +2580,7 @@ def failure_warnings(result: TrainResult, metrics: dict, responsibilities, label
             f"the validation -ELBO never fell below its first epoch's {val_neg_elbo[0]:.2f}"
         )
     curriculum = result.curriculum
-    if (
-        curriculum is not None
-        and curriculum.unlocking
-        and curriculum.k_active < (curriculum.num_components)
-    ):
+    if curriculum and curriculum.unlocking and curriculum.k_active < curriculum.num_components:
         warnings.append(
             f"the curriculum ran out of epochs with {curriculum.k_active} of "
             f"{curriculum.num_components} channels open: give more --epochs"
@@ -2728,8 +2724,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if hasattr(
-        signal, "SIGPIPE"
-    ):  # output piped into a closed reader (`--help | head`): exit quietly
+    # output piped into a reader that closes early (`--help | head`): exit quietly
+    if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
