@@ -4,6 +4,7 @@ steps, and (further down) the program end to end."""
 import csv
 import ctypes
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -336,15 +337,13 @@ def test_model_trains_on_a_tiny_batch(conditioning, decoder):
     opt_state = mixvae.init_optimizer(optimizer, model)
     sched = all_active()
     key = jax.random.key(0)
-    loss_fn = eqx.filter_jit(mixvae.loss_fn)
-    first, _ = loss_fn(model, TINY_BATCH, None, sched, objective)
+    losses = []  # each before its step's update
     for step in range(50):
         model, opt_state, metrics = mixvae.train_step(
             model, opt_state, TINY_BATCH, jax.random.fold_in(key, step), sched, objective, optimizer
         )
-        assert np.isfinite(metrics["loss"])
-    last, _ = loss_fn(model, TINY_BATCH, None, sched, objective)
-    assert float(last) < 0.8 * float(first)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("decoder", mixvae.DECODERS)
@@ -581,11 +580,16 @@ def run_cli(*args, timeout=180):
 
 def test_mixvae_defaults_are_what_train_py_trains():
     """One source of defaults: mixvae.py's own API, called with nothing but the data's size,
-    builds the model and objective of `python train.py` (same structure, weights and fields)."""
+    builds the model and objective of `python train.py`: the same objective fields, and every
+    MixVAE argument that train.py sets equal to its default (so the same call: same weights)."""
     config = configs.Config()
     assert train.build_objective(config) == mixvae.Objective()
-    built = train.build_model(config, 64, jax.random.key(0))
-    assert bool(eqx.tree_equal(built, mixvae.MixVAE(jax.random.key(0), input_dim=64)))
+    defaults = inspect.signature(mixvae.MixVAE.__init__).parameters
+    for name, value in train.model_settings(config):  # what build_model passes to MixVAE
+        assert value == defaults[name].default, name
+    key = jax.random.key(0)
+    built = eqx.filter_eval_shape(train.build_model, config, 64, key)
+    assert bool(eqx.tree_equal(built, eqx.filter_eval_shape(mixvae.MixVAE, key, input_dim=64)))
 
 
 def test_usage_line_parses_to_the_expected_config():
