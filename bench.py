@@ -35,7 +35,6 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 
 import configs
@@ -379,6 +378,7 @@ def write_results(out_dir: str, result: dict) -> dict:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, f"results-{dataset}.json"), "w") as f:
         json.dump(result, f, indent=2)
+    plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in table.items():
         points = ax.scatter(row["per_seed"]["iw_nll"], row["per_seed"]["cluster_accuracy"], s=18)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-IMPORTS_START = time.perf_counter()  # the imports below (JAX, matplotlib, ...) are timed
+IMPORTS_START = time.perf_counter()  # the imports below (JAX, Equinox, tyro, ...) are timed
 
 import argparse
 import atexit
@@ -53,24 +53,17 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import tyro
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from scipy.optimize import linear_sum_assignment
-from sklearn.datasets import load_digits
-from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import configs
 import mixvae
 from configs import Config, ConfigError
 
-matplotlib.use("Agg")  # figures are files; never open a window
 IMPORTS_SEC = time.perf_counter() - IMPORTS_START
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +263,11 @@ def load_dataset(config: Config) -> Dataset:
     mnist, fashion-mnist: the official IDX files as uint8; the official test split; --num-samples
     takes a stratified subset of the training split; validation is held out of the training
     split."""
+    from sklearn.model_selection import train_test_split  # scikit-learn: imported where used
+
     if config.dataset == "digits":
+        from sklearn.datasets import load_digits
+
         digits = load_digits()
         images = (digits.data / 16.0).astype(np.float32)
         labels = digits.target.astype(np.int64)
@@ -1132,6 +1129,9 @@ def train(
 def clustering_scores(channels, labels, train_channels, train_labels) -> dict[str, float]:
     """Clustering accuracy (Hungarian matching of channels to labels), NMI, ARI, and many-to-one
     accuracy (each channel mapped to its majority label on the training split)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
+
     num = max(channels.max(), labels.max(), train_channels.max(), train_labels.max()) + 1
     contingency = confusion_matrix(channels, labels, labels=np.arange(num))  # [channel, label]
     rows, cols = linear_sum_assignment(contingency, maximize=True)
@@ -1467,6 +1467,17 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
 # --------------------------------------------------------------------------------------
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures are files; no window ever opens), imported
+    on the first figure: a run without figures, --help or a refused flag do not load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def image_grid(ax, tiles, side: int, title: str, labels) -> None:
     """Draw tiles [rows, columns, side * side] (NaN: empty) as one picture, one row per channel,
     each row labelled."""
@@ -1487,6 +1498,7 @@ def image_grid(ax, tiles, side: int, title: str, labels) -> None:
 def plot_curriculum(history, curriculum: Curriculum, num_components: int, save) -> None:
     """k_active over epochs with unlocks marked and kicks shaded; per-channel usage over epochs
     with closed channels greyed out."""
+    plt = pyplot()
     epochs = np.array([row["epoch"] for row in history])
     k_active = np.array([row["k_active"] for row in history])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
@@ -1557,6 +1569,7 @@ def plot_curves(ax, series: dict[str, tuple[list, list]], title: str, ylabel: st
 
 def panel_grid(count: int, columns: int = 3, width: float = 3.7, height: float = 2.8):
     """A figure of `count` panels, `columns` to a row (unused panels hidden)."""
+    plt = pyplot()
     columns = min(columns, count)
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
@@ -1568,6 +1581,8 @@ def panel_grid(count: int, columns: int = 3, width: float = 3.7, height: float =
 def channel_order(contingency) -> tuple[list[int], dict[int, int]]:
     """The channels that received a test image, in Hungarian order (those matched to a label,
     by label; then the unmatched, by their majority label), and the matching {channel: label}."""
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(contingency, maximize=True)
     used = contingency.sum(axis=1) > 0
     matched = {int(k): int(label) for k, label in zip(rows, cols, strict=True) if used[k]}
@@ -1593,6 +1608,9 @@ def plot_figures(
     """Write the PNG figures; returns {file name: caption}. Panels in grids with y-axis units and
     a legend each; channel figures in Hungarian order, listing the channels that received no
     test image rather than drawing empty rows, sized by K (at most MAX_CHANNEL_ROWS image rows)."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = pyplot()
     model, history, curriculum = result.model, result.history, result.curriculum
     figures = {}
     fig_dir.mkdir(exist_ok=True)
@@ -2038,6 +2056,7 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
 def plot_seed_curves(run_dir: Path, seeds) -> None:
     """figures/seeds.png: each seed's validation loss, -ELBO, confidence and k_eff per epoch,
     from seed_<s>/history.csv."""
+    plt = pyplot()
     histories = {}
     for seed in seeds:
         with open(run_dir / f"seed_{seed}" / "history.csv") as f:
@@ -2174,6 +2193,7 @@ def plot_sweep(
     against M / sigma when both are swept, one line per value of the other swept names; and,
     with the IW-NLL, the trade of clustering against likelihood: each run's test accuracy
     against its IW-NLL, one colour per point."""
+    plt = pyplot()
     fig_dir.mkdir(exist_ok=True)
     ratio = {"prior_mean", "prior_sigma"} <= set(names)
     x_name = "M / sigma" if ratio else configs.flag(names[0])
