@@ -170,7 +170,8 @@ class Config:
     # --- curriculum ---------------------------------------------------------------
     curriculum: bool = False
     """Start with few open channels and unlock the next one whenever the validation loss
-    plateaus, so the run discovers how many channels the data needs."""
+    plateaus, so the run discovers how many channels the data needs. It clusters worse than
+    the flat run on digits and MNIST (five seeds each: -0.08 and -0.06 accuracy; README)."""
     curriculum_start: int = 1
     """Open channels at the start (1..K)."""
     unlock_patience: int = 5
