@@ -1183,6 +1183,20 @@ def evaluate(model, images, sched, objective, chunk_size=256):
 
 
 @eqx.filter_jit
+def encode_responsibilities(model, images, sched, chunk_size=256):
+    """r = softmax(y' + the schedule's logit bias) of every image of `images` [N, P] -> [N, K]:
+    evaluate's terms.responsibilities from the encoder alone (no decoder), in chunks; one
+    compiled call."""
+    return map_in_chunks(
+        lambda x, _: jax.nn.softmax(
+            mask_logits(jax.vmap(model.encoder)(x)[0] + sched.logit_bias, sched.active_mask), -1
+        ),
+        images,
+        chunk_size,
+    )
+
+
+@eqx.filter_jit
 def validate_replicas(models, images, sched, objective):
     """evaluate's metrics of each of R stacked models on the same images, one compiled call (the
     objective's array hyperparameters [R] per replica, as in train_replicas)."""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -548,6 +549,14 @@ def test_evaluate_in_chunks_equals_one_batch():
     assert terms.responsibilities.shape == (37, 3)
     for name in mixvae.METRICS:
         np.testing.assert_allclose(chunked[name], whole[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    # the encoder alone gives evaluate's responsibilities, with a closed channel and a kick's bias
+    sched = all_active(
+        active_mask=jnp.array([True, False, True]), logit_bias=jnp.array([0, 0, 2.0])
+    )
+    _, kicked = mixvae.evaluate(model, images, sched, objective, chunk_size=8)
+    encoded = mixvae.encode_responsibilities(model, images, sched, chunk_size=8)
+    assert np.all(encoded[:, 1] == 0) and not np.allclose(encoded, terms.responsibilities)
+    np.testing.assert_allclose(encoded, kicked.responsibilities, rtol=1e-6, atol=1e-7)
 
 
 def test_metrics_cover_the_design_list():
@@ -568,6 +577,11 @@ def test_metrics_cover_the_design_list():
 REPO = Path(__file__).parent
 
 
+# Child processes run on the CPU as this process does (jax_platforms above), also on a machine
+# with a GPU: their numbers are compared with in-process runs, bit for bit.
+CHILD_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
 def run_cli(*args, timeout=180):
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
@@ -575,6 +589,7 @@ def run_cli(*args, timeout=180):
         text=True,
         timeout=timeout,
         cwd=REPO,
+        env=CHILD_ENV,
     )
 
 
@@ -711,8 +726,8 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
 
 
 def test_validation_and_evaluation_compile_ahead_once_each(tmp_path, caplog):
-    """run() compiles the validation, both evaluation shapes (test, training split) and the
-    IW-NLL in threads while the epoch compiles; their calls find them compiled. A call whose
+    """run() compiles the validation, the test evaluation, the training split's responsibilities
+    and the IW-NLL in threads while the epoch compiles; their calls find them compiled. A call whose
     arguments differ from the ahead-of-time ones (shardings, say) would compile a second time.
     K = 3 and width 24: shapes no other test compiles in this process."""
     args = ["--out-dir", str(tmp_path / "run"), "--epochs", "2", "--no-figures"]
@@ -729,7 +744,8 @@ def test_validation_and_evaluation_compile_ahead_once_each(tmp_path, caplog):
         if (match := re.match(r"Compiling jit\((\w+)\)", record.getMessage()))
     )
     assert compiled["train_replicas"] == 1 and compiled["validate_replicas"] == 1
-    assert compiled["evaluate"] == 2 and compiled["evaluate_iw"] == 1
+    assert compiled["evaluate"] == 1 and compiled["encode_responsibilities"] == 1
+    assert compiled["evaluate_iw"] == 1
 
 
 def test_a_short_run_writes_every_artifact(tmp_path):
@@ -1294,8 +1310,12 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
         values = [per_seed[seed]["evaluation"][name] for seed in (0, 3)]
         assert summary["evaluation"][name]["mean"] == pytest.approx(np.mean(values))
         assert summary["evaluation"][name]["std"] == pytest.approx(np.std(values, ddof=1))
+    timing = [per_seed[seed]["timing_sec"] for seed in (0, 3)]
+    assert summary["timing_sec"]["training"] == timing[0]["training"] == timing[1]["training"]
+    assert summary["timing_sec"]["figures"] == pytest.approx(sum(t["figures"] for t in timing))
     report = (seeds_dir / "REPORT.md").read_text()
     assert "mean ± std" in report and "seed_3/REPORT.md" in report
+    assert "## Where the time went" in report
     assert (seeds_dir / "figures" / "seeds.png").is_file() and "figures/seeds.png" in report
     (seeds_dir / "summary.json").unlink()
     assert (
@@ -1419,7 +1439,7 @@ def test_seeds_with_curriculum_and_bad_device_counts_are_refused():
 def launch(args, devices, tmp_path, processes=1, timeout=240):
     """train.py as `processes` processes (--distributed, a localhost coordinator) of `devices`
     forced host devices each -> [(returncode, stdout, stderr)]; scratch files in tmp_path."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path / "scratch")}
+    env = {**CHILD_ENV, "TMPDIR": str(tmp_path / "scratch")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     (tmp_path / "scratch").mkdir(exist_ok=True)
     with socket.socket() as probe:
@@ -1521,6 +1541,29 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert json.loads((resumed / "config.json").read_text())["epochs"] == 6
 
 
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU")
+def test_resume_continues_bit_for_bit_on_a_gpu(tmp_path):
+    """The same as above with every run a process on the GPU."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    runs = [
+        ["--out-dir", str(straight), "--epochs", "6", *SMALL_RUN],
+        ["--out-dir", str(resumed), "--epochs", "3", "--checkpoint-every", "1", *SMALL_RUN],
+        ["--resume", str(resumed), "--epochs", "6"],
+    ]
+    for args in runs:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=REPO,
+            env={**os.environ, "JAX_PLATFORMS": "cuda"},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert metrics_of(read_history(resumed)) == metrics_of(read_history(straight))
+    assert (resumed / "checkpoint.eqx").read_bytes() == (straight / "checkpoint.eqx").read_bytes()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -1606,7 +1649,7 @@ def test_a_signal_after_the_first_epoch_checkpoints_reports_and_exits_nonzero(tm
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=CHILD_ENV,
     )
     for line in child.stdout:
         if line.startswith("epoch   1/"):
@@ -1696,7 +1739,9 @@ def test_runs_started_together_get_a_directory_each(tmp_path):
     """Three identical runs started at once in one directory, under the default run name."""
     args = [sys.executable, str(REPO / "train.py"), "--epochs", "1", *SMALL_RUN]
     children = [
-        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            args, cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         for _ in range(3)
     ]
     for child in children:
@@ -1723,7 +1768,7 @@ def test_sigkill_leaves_a_readable_history_and_a_state_to_resume(tmp_path, capsy
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=CHILD_ENV,
     )
     for line in child.stdout:
         if line.startswith("epoch   3/"):  # epoch 3 is in history.csv; epoch 4 is running

@@ -682,15 +682,27 @@ def init_optimizers(optimizer, models):
     return eqx.filter_vmap(functools.partial(mixvae.init_optimizer, optimizer))(models)
 
 
+def host_cpu():
+    """This process's first CPU device, or None (the default device) where JAX has no CPU
+    backend (JAX_PLATFORMS=cuda)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def initial_state(config: Config, input_dim: int) -> TrainState:
     """Fresh replicas, one per (seed, restart): models from their init keys, training keys,
-    shufflers."""
+    shufflers. Built on the CPU, also where the training runs on a GPU: the initialiser runs
+    once, and compiling it for the GPU costs more than the copy (train() places the state)."""
     pairs = replicas(config)
-    keys = replica_keys(pairs)  # [R, 4]: init, train, figures, importance sampling
-    models = build_replicas(config, input_dim, keys[:, 0])
-    opt_states = init_optimizers(mixvae.make_optimizer(config.learning_rate), models)
-    if "learning_rate" in swept_names(config):
-        opt_states = mixvae.with_learning_rate(opt_states, replica_values(config, "learning_rate"))
+    with jax.default_device(host_cpu()):
+        keys = replica_keys(pairs)  # [R, 4]: init, train, figures, importance sampling
+        models = build_replicas(config, input_dim, keys[:, 0])
+        opt_states = init_optimizers(mixvae.make_optimizer(config.learning_rate), models)
+        if "learning_rate" in swept_names(config):
+            values = replica_values(config, "learning_rate")
+            opt_states = mixvae.with_learning_rate(opt_states, values)
     count = len(pairs)
     return TrainState(
         0,
@@ -1163,37 +1175,44 @@ def iw_inputs(model, config: Config, images, k_active: int, key) -> tuple:
     return model, images, key, schedule(config, config.epochs, k_active), config.eval_iw_samples
 
 
-def evaluate_split(model, config: Config, images, k_active: int):
-    metrics, terms = mixvae.evaluate(*evaluation_inputs(model, config, images, k_active))
-    return metrics, np.asarray(terms.responsibilities)
-
-
 def iw_nll(model, config: Config, images, k_active: int, key) -> float:
     """Test -log p(x) by importance weighting with --eval-iw-samples samples."""
     log_likelihood = mixvae.evaluate_iw(*iw_inputs(model, config, images, k_active, key))
     return float(-jnp.mean(log_likelihood))
 
 
+def train_responsibilities_inputs(model, config: Config, data: Dataset, k_active: int) -> tuple:
+    """mixvae.encode_responsibilities's arguments for the training split."""
+    return model, jax.device_put(data.train.images), schedule(config, config.epochs, k_active)
+
+
 def compile_evaluation(model, config: Config, data: Dataset) -> None:
     """Compile the test evaluation's programs for `model`'s shapes: mixvae.evaluate on the test
-    and training splits and the IW-NLL (run() does it in a thread while the training runs). The
-    open channels and the key are arrays: any value compiles the program the calls use."""
+    split, the training split's responsibilities and the IW-NLL (run() does it in a thread while
+    the training runs). The open channels and the key are arrays: any value compiles the program
+    the calls use."""
     k = config.num_components
-    for images in (data.test.images, data.train.images):
-        compile_program(mixvae.evaluate, *evaluation_inputs(model, config, images, k))
+    compile_program(mixvae.evaluate, *evaluation_inputs(model, config, data.test.images, k))
+    compile_program(
+        mixvae.encode_responsibilities, *train_responsibilities_inputs(model, config, data, k)
+    )
     if config.eval_iw_samples:
         key = jax.random.key(config.seed)
         compile_program(mixvae.evaluate_iw, *iw_inputs(model, config, data.test.images, k, key))
 
 
 def evaluation(model, config: Config, data: Dataset, k_active: int):
-    """Test-split metrics (ELBO terms, routing statistics, clustering scores) and the test
-    responsibilities and usage, for the figures."""
-    metrics, responsibilities = evaluate_split(model, config, data.test.images, k_active)
-    _, train_responsibilities = evaluate_split(model, config, data.train.images, k_active)
+    """Test-split metrics (ELBO terms, routing statistics, clustering scores, and the
+    many-to-one accuracy, which maps each channel to its majority label on the training split)
+    and the test responsibilities and usage, for the figures."""
+    metrics, terms = mixvae.evaluate(*evaluation_inputs(model, config, data.test.images, k_active))
+    responsibilities = np.asarray(terms.responsibilities)
+    train_responsibilities = mixvae.encode_responsibilities(
+        *train_responsibilities_inputs(model, config, data, k_active)
+    )
     channels = responsibilities.argmax(-1)
     scores = clustering_scores(
-        channels, data.test.labels, train_responsibilities.argmax(-1), data.train.labels
+        channels, data.test.labels, np.asarray(train_responsibilities).argmax(-1), data.train.labels
     )
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
     return result, responsibilities, np.asarray(metrics["usage"])
@@ -1965,9 +1984,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
             "See `curriculum.png`: unlocks dashed, kick windows shaded, closed channels grey.",
         ]
     if "timing_sec" in summary:
-        lines += ["", "## Where the time went (seconds, this process)", "", "| phase | s |"]
-        lines += ["|---|---|", *(f"| {k} | {v:.2f} |" for k, v in summary["timing_sec"].items())]
-        lines += ["", "`compile` is part of `training` (its first epoch minus a steady one)."]
+        lines += timing_table(summary["timing_sec"])
     lines += ["", "## Figures", ""]
     lines += [f"**{caption}**\n\n![{name}](figures/{name})\n" for name, caption in figures.items()]
     lines += [] if figures else ["None drawn (--no-figures)."]
@@ -1977,6 +1994,13 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
 # --------------------------------------------------------------------------------------
 # Seeds and sweep reports
 # --------------------------------------------------------------------------------------
+
+
+def timing_table(timing: dict[str, float]) -> list[str]:
+    """REPORT.md's section on where the time went: one row per phase."""
+    lines = ["", "## Where the time went (seconds, this process)", "", "| phase | s |", "|---|---|"]
+    lines += [f"| {phase} | {seconds:.2f} |" for phase, seconds in timing.items()]
+    return [*lines, "", "`compile` is part of `training` (its first epoch minus a steady one)."]
 
 
 def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) -> None:
@@ -2014,6 +2038,15 @@ def seeds_summary(config: Config, summaries: list[dict]) -> dict:
             "best_epoch": [summary["training"]["best_epoch"] for summary in summaries],
         },
         "dataset": summaries[0]["dataset"],
+        "timing_sec": {  # the shared phases once, each seed's evaluation phases added up
+            phase: round(
+                sum(summary["timing_sec"][phase] for summary in summaries)
+                if phase in EVALUATION_PHASES
+                else seconds,
+                3,
+            )
+            for phase, seconds in summaries[0]["timing_sec"].items()
+        },
     }
 
 
@@ -2048,7 +2081,7 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
     if config.figures:
         plot_seed_curves(run_dir, seeds)
         lines += ["", "![per-seed validation curves](figures/seeds.png)"]
-    lines += ["", *config_table(config)]
+    lines += [*timing_table(summary["timing_sec"]), "", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
 
@@ -2513,6 +2546,9 @@ def kept_after_divergence(
     )
 
 
+EVALUATION_PHASES = ("test_evaluation", "iw_nll", "figures", "report")  # per run directory
+
+
 @contextlib.contextmanager
 def timed(timings: dict[str, float], phase: str):
     """Add the block's wall time to timings[phase], in seconds."""
@@ -2702,8 +2738,8 @@ def reevaluate_run(run_dir: Path, config: Config) -> dict:
         summary.get("status_detail", ""),
         kept=summary.get("kept", ""),
     )
-    redone = ("test_evaluation", "iw_nll", "figures", "report")
-    timings = {k: v for k, v in summary.get("timing_sec", {}).items() if k not in redone}
+    timing = summary.get("timing_sec", {})
+    timings = {k: v for k, v in timing.items() if k not in EVALUATION_PHASES}
     return evaluate_and_report(run_dir, saved, data, result, outcome, iw_key, figure_key, timings)
 
 
