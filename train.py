@@ -154,6 +154,7 @@ IDX_DATASETS = {
     ),
 }
 IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 and 1 dimensions
+DIGITS_SIDE = 8  # sklearn's digits are 8 x 8
 
 
 class DataError(Exception):
@@ -219,17 +220,24 @@ def fetch_idx_files(dataset: str, data_dir: Path) -> dict[str, Path]:
     return {name: data_dir / name for name in checksums}
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """An IDX array of unsigned bytes from a gzip file, its header checked against its contents."""
+def read_idx(path: Path, magic: int, header_only: bool = False) -> np.ndarray | tuple[int, ...]:
+    """An IDX array of unsigned bytes from a gzip file, its header checked against its contents
+    (header_only: the shape its header promises, read without decompressing the rest)."""
+    ndim = magic & 0xFF
     try:
-        raw = gzip.decompress(path.read_bytes())
+        if header_only:
+            with gzip.open(path) as f:
+                raw = f.read(4 + 4 * ndim)
+        else:
+            raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path}: not a readable gzip file ({error})") from None
     if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
         found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
         raise DataError(f"{path}: IDX magic number {found} is not {magic}")
-    ndim = magic & 0xFF
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if header_only:
+        return shape
     values = np.frombuffer(raw, np.uint8, offset=min(len(raw), 4 + 4 * ndim))
     if values.size != int(np.prod(shape)):
         raise DataError(
@@ -251,6 +259,16 @@ def read_idx_split(images_path: Path, labels_path: Path) -> Split:
             f"{labels.max(initial=0)}) are not N square images with N labels in 0..9"
         )
     return Split(images.reshape(len(images), -1), labels.astype(np.int64))
+
+
+def pixels_per_image(config: Config) -> int:
+    """Pixels per image of --dataset, known before the images are read: the digits' 8 x 8, or
+    what the header of an IDX dataset's training images says (its files fetched and checked)."""
+    if config.dataset == "digits":
+        return DIGITS_SIDE**2
+    paths = fetch_idx_files(config.dataset, data_dir_of(config))
+    _, rows, cols = read_idx(paths["train-images-idx3-ubyte.gz"], IDX_IMAGES, header_only=True)
+    return rows * cols
 
 
 def split_seed(config: Config) -> int:
@@ -278,7 +296,7 @@ def load_dataset(config: Config) -> Dataset:
             random_state=split_seed(config),
             stratify=labels,
         )
-        rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), 8
+        rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), DIGITS_SIDE
     else:
         paths = fetch_idx_files(config.dataset, data_dir_of(config))
         rest = read_idx_split(
@@ -904,23 +922,24 @@ def compile_program(function, *args) -> None:
 
 
 def in_background(work, *args):
-    """Start work(*args) in a daemon thread; returns a function that waits for it and raises
-    its error, if any. For compilations: XLA compiles without holding the GIL."""
-    errors = []
+    """Start work(*args) in a daemon thread; returns a function that waits for it and returns
+    its result or raises its error. For compilations: XLA compiles without holding the GIL."""
+    outcome = {}
 
     def target():
         try:
-            work(*args)
+            outcome["result"] = work(*args)
         except Exception as error:
-            errors.append(error)
+            outcome["error"] = error
 
     thread = threading.Thread(target=target, name=work.__name__, daemon=True)
     thread.start()
 
     def wait():
         thread.join()
-        if errors:
-            raise errors[0]
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     return wait
 
@@ -2439,11 +2458,19 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     run_dir = Path(config.resume) if resuming else None
     config = resumed_config(config, given) if resuming else config
     timings = {"imports": IMPORTS_SEC}
-    with timed(timings, "data"):
-        data = load_dataset(config)
-    with timed(timings, "backend"):
-        mesh = data_mesh(config)
-    input_dim = data.train.images.shape[1]
+    fresh = not resuming and not config.validate_only
+    # a fresh run's replicas are built (their initialiser compiled) while the data loads
+    building = in_background(initial_state, config, pixels_per_image(config)) if fresh else None
+    try:
+        with timed(timings, "data"):
+            data = load_dataset(config)
+        with timed(timings, "backend"):
+            mesh = data_mesh(config)
+    except BaseException:
+        if building is not None:  # no thread left compiling when the error ends the process
+            with contextlib.suppress(Exception):
+                building()
+        raise
     seeds = replica_seeds(config)
     if config.validate_only:
         validate_only(config, data, mesh, run_dir)
@@ -2451,15 +2478,15 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     replaced = None
     if resuming:
         with timed(timings, "initialisation"):
-            state = load_state(run_dir, config, input_dim)
+            state = load_state(run_dir, config, data.train.images.shape[1])
         check_resumable(run_dir, config, state, given)
         if jax.process_index() > 0:  # read the run directory, write a scratch copy of it
             shutil.copytree(run_dir, run_dir := scratch_dir(), dirs_exist_ok=True)
         write_json(run_dir / "config.json", dataclasses.asdict(config))
         print(f"resuming {run_dir} after epoch {state.epoch}, up to epoch {config.epochs}")
     else:
-        with timed(timings, "initialisation"):
-            state = initial_state(config, input_dim)
+        with timed(timings, "initialisation"):  # what of it outlasted the data's loading
+            state = building()
         run_dir, replaced = claim_for_all_processes(config)
         for directory, point in zip(point_dirs(run_dir, config), sweep_points(config), strict=True):
             if config.sweep:  # each point a directory of its own, as a run of it writes it
@@ -2474,6 +2501,8 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     print(f"run directory: {run_dir} ({describe_replicas(config)})")
     placed = put(replica(state.models, 0), NamedSharding(mesh, P()))  # as train() places it
     evaluation_compiled = in_background(compile_evaluation, placed, config, data)
+    if config.figures:
+        in_background(pyplot)  # matplotlib loads while the training runs
     try:
         with timed(timings, "training"):
             results, outcome = train(config, data, state, run_dir)
