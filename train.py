@@ -2459,10 +2459,11 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     config = resumed_config(config, given) if resuming else config
     timings = {"imports": IMPORTS_SEC}
     fresh = not resuming and not config.validate_only
-    # a fresh run's replicas are built (their initialiser compiled) while the data loads
-    building = in_background(initial_state, config, pixels_per_image(config)) if fresh else None
+    building = None
     try:
         with timed(timings, "data"):
+            if fresh:  # the replicas are built (their initialiser compiled) while the data loads
+                building = in_background(initial_state, config, pixels_per_image(config))
             data = load_dataset(config)
         with timed(timings, "backend"):
             mesh = data_mesh(config)
