@@ -5,7 +5,7 @@ analytic FLOPs of one train step and the achieved fraction of this machine's f32
     python bench.py --cases quick quick-top2 --seeds 0 --no-usage-line
     python bench.py --cases --seeds 5   # only: 5 seeds in one run vs 5 runs one after another
     python bench.py --cases --seeds 0 --no-usage-line --sweep   # only: a sweep vs separate runs
-    python bench.py --results digits mnist   # only: the README's results tables, five seeds each
+    python bench.py --results digits mnist mnist-capacity   # only: the README's results tables
 
 Cases: the default config (digits), the `quick` preset (the seed's quick experiment: K 20, D 2,
 separate decoders), the `mnist` preset (shared z, FiLM decoder, consistency views), the quick
@@ -291,24 +291,35 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
     return {"runs": runs, "epochs": epochs, "sweep": swept, "separate": separate}
 
 
-# The results tables' rows: the c-regularizer, each with and without the routing consistency,
-# and K = 1 (the same networks as a plain VAE). The dataset's base flags come first.
-RESULT_BASE = {"digits": [], "mnist": ["--preset", "mnist"]}
+# The results tables: table -> row name -> train.py flags. digits and mnist: each
+# c-regularizer with and without the routing consistency, and K = 1 (the same networks as a
+# plain VAE); mnist-capacity: the mnist preset at wider latents and decoders, clustering against
+# likelihood (README, Likelihood against clustering), and K = 1 at the widest.
 CONSISTENCY = {  # routing consistency on, per dataset (the mnist preset has it on already)
     "digits": ["--consistency-weight", "40", "--augment-strength", "0.15", "--epochs", "300"],
     "mnist": [],
 }
 NO_CONSISTENCY = ["--consistency-weight", "0"]
+CAPACITIES = ((4, 128), (8, 128), (16, 128), (16, 256), (16, 400))  # (D, width); the preset's first
 RESULT_METRICS = ("cluster_accuracy", "nmi", "ari", "responsibility_confidence", "iw_nll")
 
 
-def result_rows(dataset: str) -> dict[str, list[str]]:
-    """Row name -> train.py flags (after the dataset's base flags)."""
+def result_rows(table: str) -> dict[str, list[str]]:
+    """Row name -> train.py flags, for the results table `table`."""
+    if table == "mnist-capacity":
+        rows = {
+            f"D = {dim}, width {width}": ["--latent-dim", str(dim), "--hidden-dim", str(width)]
+            for dim, width in CAPACITIES
+        }
+        widest = list(rows)[-1]
+        rows[f"{widest}, K = 1"] = [*rows[widest], "--num-components", "1", *NO_CONSISTENCY]
+        return {name: ["--preset", "mnist", *flags] for name, flags in rows.items()}
+    base = ["--preset", "mnist"] if table == "mnist" else []
     rows = {}
     for regularizer in ("logit_mog", "categorical", "both"):
-        for consistency, flags in (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[dataset])):
-            rows[regularizer + consistency] = ["--c-regularizer", regularizer, *flags]
-    rows["K = 1 (plain VAE)"] = ["--num-components", "1", *NO_CONSISTENCY]
+        for consistency, flags in (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[table])):
+            rows[regularizer + consistency] = [*base, "--c-regularizer", regularizer, *flags]
+    rows["K = 1 (plain VAE)"] = [*base, "--num-components", "1", *NO_CONSISTENCY]
     return rows
 
 
@@ -330,34 +341,37 @@ def result_row(run_dir: str, seeds: list[int], command: str, wall_sec: float) ->
     }
 
 
-def results_tables(dataset: str, seeds: list[int], out_dir: str) -> dict:
-    """Every row of result_rows as one `train.py --seeds ...` process; writes results-<dataset>
-    .md (the README's table), .json (every number, per seed too) and .png (accuracy against
-    IW-NLL, each seed a point) into out_dir."""
+def results_tables(table: str, seeds: list[int], out_dir: str) -> dict:
+    """Every row of result_rows(table) as one `train.py --seeds ...` process; writes results-
+    <table>.md (the README's table), .json (every number, per seed too) and .png (accuracy
+    against IW-NLL, each seed a point) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     seed_flags = ["--seeds", *map(str, seeds)]
-    table = {}
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags) in enumerate(result_rows(dataset).items()):
-            args = [*RESULT_BASE[dataset], *flags, *seed_flags]
+        for i, (name, flags) in enumerate(result_rows(table).items()):
+            args = [*flags, *seed_flags]
             start = time.perf_counter()
-            subprocess.run(
+            done = subprocess.run(
                 [sys.executable, "train.py", *args, "--out-dir", f"{tmp}/{i}"],
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                sys.exit(f"error: row {name!r}: train.py exited with {done.returncode}: {last}")
             wall = time.perf_counter() - start
-            table[name] = result_row(f"{tmp}/{i}", seeds, "python train.py " + " ".join(args), wall)
-            print(f"{name}: {table[name]}", flush=True)
+            rows[name] = result_row(f"{tmp}/{i}", seeds, "python train.py " + " ".join(args), wall)
+            print(f"{name}: {rows[name]}", flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.default_backend()}"
     return write_results(
-        out_dir, {"dataset": dataset, "seeds": seeds, "machine": machine, "rows": table}
+        out_dir, {"table": table, "seeds": seeds, "machine": machine, "rows": rows}
     )
 
 
 def write_results(out_dir: str, result: dict) -> dict:
-    """results-<dataset>.md, .json and .png of results_tables' `result`."""
-    dataset, seeds, table = result["dataset"], result["seeds"], result["rows"]
+    """results-<table>.md, .json and .png of results_tables' `result`."""
+    table, seeds, rows = result["table"], result["seeds"], result["rows"]
     columns = ["accuracy", "NMI", "ARI", "confidence", "IW-NLL"]
     lines = [
         f"Test split, best model per seed; mean ± sample std over seeds "
@@ -366,21 +380,21 @@ def write_results(out_dir: str, result: dict) -> dict:
         "| run | " + " | ".join(columns) + " | wall | per seed (accuracy) |",
         "|---|" + "---|" * (len(columns) + 2),
     ]
-    for name, row in table.items():
+    for name, row in rows.items():
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in RESULT_METRICS]
         per_seed = " / ".join(f"{a:.3f}" for a in row["per_seed"]["cluster_accuracy"])
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {row['wall_sec']:.0f} s | {per_seed} |"
         )
     lines += ["", "Commands (`--out-dir` aside):", ""]
-    lines += [f"- {name}: `{row['command']}`" for name, row in table.items()]
-    with open(os.path.join(out_dir, f"results-{dataset}.md"), "w") as f:
+    lines += [f"- {name}: `{row['command']}`" for name, row in rows.items()]
+    with open(os.path.join(out_dir, f"results-{table}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, f"results-{dataset}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"results-{table}.json"), "w") as f:
         json.dump(result, f, indent=2)
     plt = train.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in table.items():
+    for name, row in rows.items():
         points = ax.scatter(row["per_seed"]["iw_nll"], row["per_seed"]["cluster_accuracy"], s=18)
         ax.scatter(
             row["iw_nll"]["mean"],
@@ -393,11 +407,11 @@ def write_results(out_dir: str, result: dict) -> dict:
         )
     ax.set_xlabel("test IW-NLL (nats, lower is better)")
     ax.set_ylabel("test cluster accuracy")
-    ax.set_title(f"{dataset}: each seed a dot, the row's mean a diamond", fontsize=9)
+    ax.set_title(f"{table}: each seed a dot, the row's mean a diamond", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"results-{dataset}.png"), dpi=110)
+    fig.savefig(os.path.join(out_dir, f"results-{table}.png"), dpi=110)
     plt.close(fig)
     return result
 
@@ -421,8 +435,8 @@ def main() -> None:
     parser.add_argument(
         "--results",
         nargs="+",
-        choices=["digits", "mnist"],
-        help="only: regenerate the README's results tables on these datasets (five seeds each)",
+        choices=["digits", "mnist", "mnist-capacity"],
+        help="only: regenerate these results tables of the README (five seeds a row)",
     )
     parser.add_argument(
         "--results-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="with --results"
@@ -430,12 +444,12 @@ def main() -> None:
     parser.add_argument(
         "--results-dir",
         default="results",
-        help="with --results: where results-<dataset>.md/.json go",
+        help="with --results: where results-<table>.md, .json and .png go",
     )
     args = parser.parse_args()
     if args.results:
-        for dataset in args.results:
-            results_tables(dataset, args.results_seeds, args.results_dir)
+        for table in args.results:
+            results_tables(table, args.results_seeds, args.results_dir)
         return
     if args.one:
         print(json.dumps(run_case(args.one)))

@@ -1042,7 +1042,7 @@ def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
     (run / "summary.json").write_text(json.dumps({"evaluation": stats}))
     row = bench.result_row(str(run), [0, 1, 2], "python train.py --seeds 0 1 2", 12.3)
     assert row["per_seed"]["cluster_accuracy"] == accuracy and row["per_seed"]["iw_nll"] == iw
-    result = {"dataset": "toy", "seeds": [0, 1, 2], "machine": "here", "rows": {"a": row}}
+    result = {"table": "toy", "seeds": [0, 1, 2], "machine": "here", "rows": {"a": row}}
     bench.write_results(str(tmp_path), result)
     table = (tmp_path / "results-toy.md").read_text()
     assert "| a | 0.883 ± 0.076 | 0.500 ± 0.000 |" in table and "| 117.467 ± 0.896 |" in table
@@ -1051,6 +1051,12 @@ def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
     )
     assert json.loads((tmp_path / "results-toy.json").read_text()) == result
     assert (tmp_path / "results-toy.png").stat().st_size > 10_000
+    # the capacity table: the mnist preset first, then wider, then K = 1 at the widest
+    runs = [train.parse_config(flags) for flags in bench.result_rows("mnist-capacity").values()]
+    assert runs[0] == configs.PRESETS["mnist"]
+    assert [(run.latent_dim, run.hidden_dim) for run in runs[:-1]] == list(bench.CAPACITIES)
+    plain = dataclasses.replace(runs[-2], num_components=1, consistency_weight=0.0)
+    assert runs[-1] == plain
 
 
 # --------------------------------------------------------------------------------------
