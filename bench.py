@@ -294,7 +294,13 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
 # The results tables: table -> row name -> train.py flags. digits and mnist: each
 # c-regularizer with and without the routing consistency, and K = 1 (the same networks as a
 # plain VAE); mnist-capacity: the mnist preset at wider latents and decoders, clustering against
-# likelihood (README, Likelihood against clustering), and K = 1 at the widest.
+# likelihood (README, Likelihood against clustering), and K = 1 at the widest. Each table's base
+# flags come first.
+RESULT_BASE = {
+    "digits": [],
+    "mnist": ["--preset", "mnist"],
+    "mnist-capacity": ["--preset", "mnist"],
+}
 CONSISTENCY = {  # routing consistency on, per dataset (the mnist preset has it on already)
     "digits": ["--consistency-weight", "40", "--augment-strength", "0.15", "--epochs", "300"],
     "mnist": [],
@@ -305,7 +311,7 @@ RESULT_METRICS = ("cluster_accuracy", "nmi", "ari", "responsibility_confidence",
 
 
 def result_rows(table: str) -> dict[str, list[str]]:
-    """Row name -> train.py flags, for the results table `table`."""
+    """Row name -> train.py flags (the table's base flags first), for the results table `table`."""
     if table == "mnist-capacity":
         rows = {
             f"D = {dim}, width {width}": ["--latent-dim", str(dim), "--hidden-dim", str(width)]
@@ -313,14 +319,13 @@ def result_rows(table: str) -> dict[str, list[str]]:
         }
         widest = list(rows)[-1]
         rows[f"{widest}, K = 1"] = [*rows[widest], "--num-components", "1", *NO_CONSISTENCY]
-        return {name: ["--preset", "mnist", *flags] for name, flags in rows.items()}
-    base = ["--preset", "mnist"] if table == "mnist" else []
-    rows = {}
-    for regularizer in ("logit_mog", "categorical", "both"):
-        for consistency, flags in (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[table])):
-            rows[regularizer + consistency] = [*base, "--c-regularizer", regularizer, *flags]
-    rows["K = 1 (plain VAE)"] = [*base, "--num-components", "1", *NO_CONSISTENCY]
-    return rows
+    else:
+        rows, switched = {}, (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[table]))
+        for regularizer in ("logit_mog", "categorical", "both"):
+            for consistency, flags in switched:
+                rows[regularizer + consistency] = ["--c-regularizer", regularizer, *flags]
+        rows["K = 1 (plain VAE)"] = ["--num-components", "1", *NO_CONSISTENCY]
+    return {name: [*RESULT_BASE[table], *flags] for name, flags in rows.items()}
 
 
 def result_row(run_dir: str, seeds: list[int], command: str, wall_sec: float) -> dict:
@@ -435,7 +440,7 @@ def main() -> None:
     parser.add_argument(
         "--results",
         nargs="+",
-        choices=["digits", "mnist", "mnist-capacity"],
+        choices=list(RESULT_BASE),
         help="only: regenerate these results tables of the README (five seeds a row)",
     )
     parser.add_argument(
