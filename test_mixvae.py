@@ -867,6 +867,32 @@ def test_clustering_scores_against_hand_computed_values():
     assert perfect["cluster_accuracy"] == perfect["nmi"] == perfect["ari"] == pytest.approx(1.0)
 
 
+def adjusted_rand_index(a, b) -> float:
+    """Hubert and Arabie's ARI from the contingency table of two labelings, float64."""
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1.0)
+
+    def pairs(counts):
+        return float(np.sum(counts * (counts - 1) / 2))
+
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / pairs(np.array([len(a)]))
+    return (index - expected) / ((rows + cols) / 2 - expected)
+
+
+def test_seed_agreement_is_the_mean_and_lowest_pairwise_adjusted_rand_index():
+    rng = np.random.default_rng(0)
+    channels = rng.integers(0, 4, 500)
+    renamed = np.array([2, 0, 3, 1])[channels]  # the same partition, its channels renamed
+    noisy = np.where(rng.random(500) < 0.3, rng.integers(0, 4, 500), channels)
+    pairs = [1.0, adjusted_rand_index(channels, noisy), adjusted_rand_index(renamed, noisy)]
+    agreement = train.seed_agreement([channels, renamed, noisy])
+    assert agreement["pairs"] == 3 and 0.3 < min(pairs) < 0.9
+    assert agreement["mean"] == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert agreement["min"] == pytest.approx(min(pairs), abs=1e-12)
+    assert train.seed_agreement([channels, renamed])["mean"] == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------------------
 # Curriculum
 # --------------------------------------------------------------------------------------
@@ -1319,8 +1345,12 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
     timing = [per_seed[seed]["timing_sec"] for seed in (0, 3)]
     assert summary["timing_sec"]["training"] == timing[0]["training"] == timing[1]["training"]
     assert summary["timing_sec"]["figures"] == pytest.approx(sum(t["figures"] for t in timing))
+    assert summary["seed_agreement"]["pairs"] == 1
+    agreement = summary["seed_agreement"]["mean"]
+    assert summary["seed_agreement"]["min"] == agreement and -1 <= agreement <= 1
     report = (seeds_dir / "REPORT.md").read_text()
     assert "mean ± std" in report and "seed_3/REPORT.md" in report
+    assert f"Seed agreement (label-free): {agreement:.3f}" in report
     assert "## Where the time went" in report
     assert (seeds_dir / "figures" / "seeds.png").is_file() and "figures/seeds.png" in report
     (seeds_dir / "summary.json").unlink()
@@ -1337,10 +1367,9 @@ def test_seeds_train_as_vmapped_replicas_each_equal_to_its_own_run(tmp_path):
         )
         == 0
     )
-    assert (
-        json.loads((seeds_dir / "summary.json").read_text())["evaluation"]["nmi"]
-        == summary["evaluation"]["nmi"]
-    )
+    again = json.loads((seeds_dir / "summary.json").read_text())
+    assert again["evaluation"]["nmi"] == summary["evaluation"]["nmi"]
+    assert again["seed_agreement"] == summary["seed_agreement"]
 
 
 def test_a_sweep_trains_its_grid_in_one_compile_each_point_equal_to_its_own_run(tmp_path):

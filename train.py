@@ -1222,19 +1222,30 @@ def compile_evaluation(model, config: Config, data: Dataset) -> None:
 
 def evaluation(model, config: Config, data: Dataset, k_active: int):
     """Test-split metrics (ELBO terms, routing statistics, clustering scores, and the
-    many-to-one accuracy, which maps each channel to its majority label on the training split)
-    and the test responsibilities and usage, for the figures."""
+    many-to-one accuracy, which maps each channel to its majority label on the training split),
+    the test responsibilities and usage, for the figures, and the training images' channels
+    argmax_k r, for the seeds' agreement."""
     metrics, terms = mixvae.evaluate(*evaluation_inputs(model, config, data.test.images, k_active))
     responsibilities = np.asarray(terms.responsibilities)
     train_responsibilities = mixvae.encode_responsibilities(
         *train_responsibilities_inputs(model, config, data, k_active)
     )
     channels = responsibilities.argmax(-1)
-    scores = clustering_scores(
-        channels, data.test.labels, np.asarray(train_responsibilities).argmax(-1), data.train.labels
-    )
+    train_channels = np.asarray(train_responsibilities).argmax(-1)
+    scores = clustering_scores(channels, data.test.labels, train_channels, data.train.labels)
     result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
-    return result, responsibilities, np.asarray(metrics["usage"])
+    return result, responsibilities, np.asarray(metrics["usage"]), train_channels
+
+
+def seed_agreement(train_channels: list[np.ndarray]) -> dict[str, float]:
+    """How far the seeds' clusterings agree, label-free: the adjusted Rand index of each pair of
+    seeds' channels of the same training images (argmax_k r, [N] each), its mean and minimum.
+    1: the same partition whatever the channels' order; about 0: as alike as chance. A run
+    collapsed into one channel agrees trivially: read it beside the confidence and k_eff."""
+    from sklearn.metrics import adjusted_rand_score
+
+    pairs = [adjusted_rand_score(a, b) for a, b in itertools.combinations(train_channels, 2)]
+    return {"mean": float(np.mean(pairs)), "min": float(np.min(pairs)), "pairs": len(pairs)}
 
 
 # --------------------------------------------------------------------------------------
@@ -2022,22 +2033,30 @@ def timing_table(timing: dict[str, float]) -> list[str]:
     return [*lines, "", "`compile` is part of `training` (its first epoch minus a steady one)."]
 
 
-def write_group_reports(run_dir: Path, config: Config, summaries: list[dict]) -> None:
-    """After each seed's own report: the mean +- std report of each point with several seeds,
-    then the sweep's report."""
+def write_group_reports(
+    run_dir: Path, config: Config, summaries: list[dict], train_channels: list[np.ndarray]
+) -> None:
+    """After each seed's own report: the mean +- std report of each point with several seeds
+    (with the seeds' agreement), then the sweep's report."""
     per_point = len(replica_seeds(config))
     groups = [summaries[i : i + per_point] for i in range(0, len(summaries), per_point)]
+    agreements = [None] * len(groups)
     if per_point > 1:
-        for directory, point, group in zip(
-            point_dirs(run_dir, config), sweep_points(config), groups, strict=True
+        agreements = [
+            seed_agreement(train_channels[i : i + per_point])
+            for i in range(0, len(summaries), per_point)
+        ]
+        for directory, point, group, agreement in zip(
+            point_dirs(run_dir, config), sweep_points(config), groups, agreements, strict=True
         ):
-            write_seeds_report(directory, point, group)
+            write_seeds_report(directory, point, group, agreement)
     if config.sweep:
-        write_sweep_report(run_dir, config, groups)
+        write_sweep_report(run_dir, config, groups, agreements)
 
 
-def seeds_summary(config: Config, summaries: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof=1) of every numeric test metric over the seeds."""
+def seeds_summary(config: Config, summaries: list[dict], agreement: dict) -> dict:
+    """Mean and sample standard deviation (ddof=1) of every numeric test metric over the seeds,
+    and the seeds' agreement (seed_agreement)."""
     metrics = [
         name for name, value in summaries[0]["evaluation"].items() if isinstance(value, float)
     ]
@@ -2050,6 +2069,7 @@ def seeds_summary(config: Config, summaries: list[dict]) -> dict:
             name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))}
             for name, v in values.items()
         },
+        "seed_agreement": agreement,
         "per_seed": {str(seed): f"seed_{seed}/summary.json" for seed in config.seeds},
         "training": {
             "training_time_sec": summaries[0]["training"]["training_time_sec"],
@@ -2069,9 +2089,12 @@ def seeds_summary(config: Config, summaries: list[dict]) -> dict:
     }
 
 
-def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> None:
-    """summary.json and REPORT.md of a --seeds run: mean +- std over seeds, and every seed."""
-    summary = seeds_summary(config, summaries)
+def write_seeds_report(
+    run_dir: Path, config: Config, summaries: list[dict], agreement: dict
+) -> None:
+    """summary.json and REPORT.md of a --seeds run: mean +- std over seeds, every seed, and the
+    seeds' agreement."""
+    summary = seeds_summary(config, summaries, agreement)
     write_json(run_dir / "summary.json", summary)
     seeds = config.seeds
     lines = [
@@ -2097,11 +2120,22 @@ def write_seeds_report(run_dir: Path, config: Config, summaries: list[dict]) -> 
             + " | ".join(number(s["evaluation"][name]) for s in summaries)
             + " |"
         )
+    lines += [
+        "",
+        f"Seed agreement (label-free): {agreement['mean']:.3f} (lowest pair "
+        f"{agreement['min']:.3f}), the mean adjusted Rand index between the {len(seeds)} seeds' "
+        f"channels of the same {summary['dataset']['train_samples']} training images: 1 when "
+        "every seed finds the same partition.",
+    ]
     if config.figures:
         plot_seed_curves(run_dir, seeds)
         lines += ["", "![per-seed validation curves](figures/seeds.png)"]
     lines += [*timing_table(summary["timing_sec"]), "", *config_table(config)]
     atomic_write(run_dir / "REPORT.md", lambda f: f.write("\n".join(lines).encode()))
+    print(
+        f"seed agreement (label-free, mean ARI of the seeds' channels of the training images): "
+        f"{agreement['mean']:.3f}, lowest pair {agreement['min']:.3f}"
+    )
     print(f"report ({len(seeds)} seeds): {run_dir / 'REPORT.md'}")
 
 
@@ -2132,7 +2166,7 @@ def plot_seed_curves(run_dir: Path, seeds) -> None:
     plt.close(fig)
 
 
-SWEEP_METRICS = {  # summary key -> column name; the last is label-free (a tuning criterion)
+SWEEP_METRICS = {  # summary key -> column name; the last is label-free, as is the seed agreement
     "cluster_accuracy": "accuracy",
     "nmi": "NMI",
     "ari": "ARI",
@@ -2150,11 +2184,14 @@ def sweep_metrics(groups: list[list[dict]]) -> dict[str, str]:
     return {k: v for k, v in SWEEP_METRICS.items() if k in evaluated or k.startswith("val_")}
 
 
-def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], list[dict]]:
-    """One row per point x seed, and one per point (mean and sample std over seeds, ddof=1)."""
+def sweep_rows(
+    config: Config, groups: list[list[dict]], agreements: list[dict | None]
+) -> tuple[list[dict], list[dict]]:
+    """One row per point x seed, and one per point (mean and sample std over seeds, ddof=1, and
+    with several seeds their agreement: seed_agreement's mean and min)."""
     rows, point_rows, metrics = [], [], sweep_metrics(groups)
-    for point, point_config, group in zip(
-        configs.sweep_grid(config), sweep_points(config), groups, strict=True
+    for point, point_config, group, agreement in zip(
+        configs.sweep_grid(config), sweep_points(config), groups, agreements, strict=True
     ):
         seed_rows = [
             {
@@ -2177,14 +2214,18 @@ def sweep_rows(config: Config, groups: list[list[dict]]) -> tuple[list[dict], li
             values = np.array([row[name] for row in seed_rows])
             stats[f"{name}_mean"] = float(np.mean(values))
             stats[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        if agreement is not None:
+            stats |= {"seed_agreement": agreement["mean"], "seed_agreement_min": agreement["min"]}
         point_rows.append({**point, "dir": configs.point_name(point), **stats})
     return rows, point_rows
 
 
-def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) -> None:
+def write_sweep_report(
+    run_dir: Path, config: Config, groups: list[list[dict]], agreements: list[dict | None]
+) -> None:
     """The sweep's summary.json, sweep.csv (point x seed), sweep_points.csv (mean and std per
     point), figures/sweep.png and REPORT.md, from each point's seed summaries."""
-    rows, point_rows = sweep_rows(config, groups)
+    rows, point_rows = sweep_rows(config, groups, agreements)
     names, metrics = swept_names(config), sweep_metrics(groups)
     write_json(
         run_dir / "summary.json",
@@ -2200,6 +2241,7 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
     if config.figures:
         plot_sweep(run_dir / "figures", names, metrics, rows, point_rows)
     seeds = replica_seeds(config)
+    agreeing = int(len(seeds) > 1)  # the seed agreement's column
     lines = [
         f"# Sweep report: {run_dir.name}",
         "",
@@ -2210,10 +2252,22 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
         f"({groups[0][0]['training']['training_time_sec']:.1f} s of training). Test metrics of "
         "each run's best model"
         + (", mean ± sample std over the seeds" if len(seeds) > 1 else "")
-        + "; the last column is label-free, the one to choose a point by.",
+        + (
+            "; the last two columns are label-free, the ones to choose a point by: how well the "
+            "model fits (validation −ELBO) and how reproducible its clustering is (seed "
+            "agreement: the mean, and lowest, adjusted Rand index between two seeds' channels of "
+            "the same training images)."
+            if agreeing
+            else "; the last column is label-free, the one to choose a point by."
+        ),
         "",
-        "| " + " | ".join([*(configs.flag(n) for n in names), *metrics.values()]) + " |",
-        "|" + "---|" * (len(names) + len(metrics)),
+        "| "
+        + " | ".join(
+            [*(configs.flag(n) for n in names), *metrics.values()]
+            + ["seed agreement (lowest)"] * agreeing
+        )
+        + " |",
+        "|" + "---|" * (len(names) + len(metrics) + agreeing),
     ]
     for row in point_rows:
         cells = [
@@ -2225,6 +2279,8 @@ def write_sweep_report(run_dir: Path, config: Config, groups: list[list[dict]]) 
             + (f" ± {number(row[f'{name}_std'], '.3f')}" if len(seeds) > 1 else "")
             for name in metrics
         ]
+        if agreeing:
+            cells.append(f"{row['seed_agreement']:.3f} ({row['seed_agreement_min']:.3f})")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![sweep](figures/sweep.png)"] if config.figures else []
     lines += [
@@ -2526,7 +2582,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             status_of(outcome),
         )
         return run_dir, outcome
-    summaries = []
+    summaries, train_channels = [], []
     seed_keys = replica_keys([(result.seed, 0) for result in results])
     for result, directory, seed_config, (_, _, figure_key, iw_key) in zip(
         results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
@@ -2534,19 +2590,19 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
         save_checkpoint(directory, result.model, seed_config, result.best_epoch)
         if result.diverged:
             print(f"warning ({directory}): diverged: {result.diverged}", file=sys.stderr)
-        summaries.append(
-            evaluate_and_report(
-                directory,
-                seed_config,
-                data,
-                result,
-                replica_outcome(result, outcome),
-                iw_key,
-                figure_key,
-                timings,
-            )
+        summary, channels = evaluate_and_report(
+            directory,
+            seed_config,
+            data,
+            result,
+            replica_outcome(result, outcome),
+            iw_key,
+            figure_key,
+            timings,
         )
-    write_group_reports(run_dir, config, summaries)
+        summaries.append(summary)
+        train_channels.append(channels)
+    write_group_reports(run_dir, config, summaries, train_channels)
     return run_dir, outcome
 
 
@@ -2600,11 +2656,11 @@ def evaluate_and_report(
     timings: dict[str, float],
 ):
     """Test evaluation of the best model, then the figures, summary.json and REPORT.md; returns
-    the summary. `timings`: the seconds of the phases before (imports, data, ...), to which
-    this adds its own."""
+    the summary and the training images' channels. `timings`: the seconds of the phases before
+    (imports, data, ...), to which this adds its own."""
     timings = dict(timings)
     with timed(timings, "test_evaluation"):
-        evaluation_metrics, responsibilities, usage = evaluation(
+        evaluation_metrics, responsibilities, usage, train_channels = evaluation(
             result.model, config, data, result.best_k_active
         )
     if config.eval_iw_samples:
@@ -2638,7 +2694,7 @@ def evaluate_and_report(
         )
     )
     print(f"report: {run_dir / 'REPORT.md'}")
-    return summary
+    return summary, train_channels
 
 
 def failure_warnings(result: TrainResult, metrics: dict, responsibilities, labels) -> list[str]:
@@ -2704,13 +2760,16 @@ def reevaluate(config: Config) -> Path:
         reevaluate_run(run_dir, config)
         return run_dir
     saved = dataclasses.replace(saved, **evaluation_flags(config))
-    summaries = [reevaluate_run(directory, config) for directory in seed_dirs(run_dir, saved)]
-    write_group_reports(run_dir, saved, summaries)
+    summaries, train_channels = zip(
+        *(reevaluate_run(directory, config) for directory in seed_dirs(run_dir, saved)), strict=True
+    )
+    write_group_reports(run_dir, saved, list(summaries), list(train_channels))
     return run_dir
 
 
-def reevaluate_run(run_dir: Path, config: Config) -> dict:
-    """Re-evaluate one seed's run directory; returns its new summary."""
+def reevaluate_run(run_dir: Path, config: Config) -> tuple[dict, np.ndarray]:
+    """Re-evaluate one seed's run directory; returns its new summary and the training images'
+    channels."""
     needed = ["checkpoint.eqx", "checkpoint.json", "summary.json", "history.csv"]
     if not all((run_dir / name).is_file() for name in needed):
         raise ConfigError(
