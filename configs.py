@@ -55,6 +55,12 @@ class Config:
     --monitor value at its best epoch (the objective, by default), as k-means keeps the best of
     its n_init starts by its objective. No label is used. Costs N x the training; every
     candidate's history stays in restart_<j>/ (MNIST results: README, Restarts)."""
+    restart_choice: Literal["monitor", "agreement"] = "monitor"
+    """How --restarts keeps one candidate per seed, without labels. monitor: the best validation
+    --monitor value at its best epoch. agreement: the candidate whose clustering recurs in the
+    other seeds' runs: the mean over the other seeds of its highest adjusted Rand index with one
+    of their candidates (channels of the training images); needs two or more --seeds, and
+    couples the seeds' results (README, Restarts)."""
     sweep: tuple[str, ...] = ()
     """Train a grid of hyperparameters as replicas of one compiled epoch, e.g. --sweep
     prior-mean=3,5,7,9 prior-sigma=0.5,1: the product of the lists (times --seeds and
@@ -248,7 +254,8 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "run": (
         "What to train, how many times, and where it writes.",
         (
-            *("preset", "seed", "seeds", "restarts", "sweep", "split_seed", "name", "out_dir"),
+            *("preset", "seed", "seeds", "restarts", "restart_choice", "sweep", "split_seed"),
+            *("name", "out_dir"),
             "validate_only",
         ),
     ),
@@ -558,6 +565,12 @@ def validate(config: Config) -> Config:
             f"in [0, --num-processes={c.num_processes})",
         ),
         ("restarts", c.restarts == 1 or not c.curriculum, "1 with --curriculum"),
+        (
+            "restart_choice",
+            c.restart_choice == "monitor" or (c.restarts > 1 and len(c.seeds) > 1),
+            "'monitor' unless --restarts >= 2 and two or more --seeds are given (agreement "
+            "compares a candidate's clustering with the other seeds' candidates)",
+        ),
         (
             "devices",
             c.devices is None or c.batch_size % c.devices == 0,

@@ -707,6 +707,7 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
         (["--sweep", "beta-z=1,1"], "a value is listed twice"),
         (["--sweep", "prior-mean=3,5", "--prior-mean", "4"], "--prior-mean is not allowed with"),
         (["--sweep", "prior-mean=3,5", "--curriculum"], "--sweep is not allowed with --curric"),
+        (["--restarts", "2", "--restart-choice", "agreement"], "'agreement' .* two or more --se"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_flag_typed_and_write_nothing(
@@ -878,6 +879,24 @@ def adjusted_rand_index(a, b) -> float:
     index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
     expected = rows * cols / pairs(np.array([len(a)]))
     return (index - expected) / ((rows + cols) / 2 - expected)
+
+
+def test_recurrence_is_the_mean_over_other_seeds_of_the_best_matching_candidate():
+    rng = np.random.default_rng(1)
+    shared = rng.integers(0, 5, 400)  # a partition that two seeds reach
+    lone = [rng.integers(0, 5, 400) for _ in range(3)]  # partitions that one start fell into
+    noisy = np.where(rng.random(400) < 0.2, rng.integers(0, 5, 400), shared)
+    channels = [shared, lone[0], lone[1], noisy, lone[2], np.array([4, 3, 2, 1, 0])[shared]]
+    seeds = [0, 0, 1, 1, 2, 2]
+    got = train.recurrence(channels, seeds)
+    ari = np.array([[adjusted_rand_index(a, b) for b in channels] for a in channels])
+    expected = [
+        np.mean([ari[i, [j for j in range(6) if seeds[j] == t]].max() for t in {0, 1, 2} - {s}])
+        for i, s in enumerate(seeds)
+    ]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert got[0] == got[5] == pytest.approx((adjusted_rand_index(shared, noisy) + 1) / 2)
+    assert max(got[[1, 2, 4]]) < 0.05 < min(got[[0, 3, 5]])  # a lone partition recurs nowhere
 
 
 def test_seed_agreement_is_the_mean_and_lowest_pairwise_adjusted_rand_index():
@@ -1429,6 +1448,11 @@ def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_
         (0, 0, (3, 4)),
         (7, 1, (2, 1)),
     ]
+    by_agreement = train.choose_restarts(results, 2, "loss", np.array([0.5, 0.9, 0.7, 0.7]))
+    assert [(c.restart, c.restart_recurrence) for c in by_agreement] == [
+        (1, (0.5, 0.9)),
+        (1, (0.7, 0.7)),  # a tie goes to the lower monitored value
+    ]
     # restart 0 of a seed is the plain run of that seed: same keys, same batch order
     plain = jax.random.split(jax.random.key(3), 4)
     keys = train.replica_keys([(3, 0), (3, 1)])
@@ -1446,6 +1470,16 @@ def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_
     candidates = [read_history(out / f"restart_{j}") for j in (0, 1)]
     assert read_history(out) == candidates[summary["restarts"]["chosen"]]
     assert [row["restart"] for row in candidates[1]] == ["1", "1"]
+    pooled = tmp_path / "pooled"
+    flags = ["--restarts", "2", "--restart-choice", "agreement", "--seeds", "0", "1"]
+    assert train.main(["--out-dir", str(pooled), *flags, "--epochs", "2", *SMALL_RUN]) == 0
+    for seed in (0, 1):
+        restarts = json.loads((pooled / f"seed_{seed}" / "summary.json").read_text())["restarts"]
+        assert restarts["choice"] == "agreement" and len(restarts["recurrence"]) == 2
+        recurring = restarts["recurrence"]
+        assert restarts["chosen"] == max(
+            (0, 1), key=lambda j: (recurring[j], -restarts["val_loss"][j])
+        )
 
 
 @pytest.mark.parametrize(

@@ -655,21 +655,70 @@ class TrainResult(NamedTuple):
     curriculum: Curriculum | None
     restart: int = 0
     restart_scores: tuple[float, ...] = ()
+    restart_recurrence: tuple[float, ...] = ()  # with --restart-choice agreement
     diverged: str = ""  # why this replica stopped early on a non-finite value, or ""
 
 
-def choose_restarts(results: list[TrainResult], restarts: int, monitor: str) -> list[TrainResult]:
-    """Per seed, of its `restarts` candidates (consecutive in `results`), the one with the
-    lowest monitored validation value at its best epoch, the criterion that already picks each
-    run's best epoch: an unsupervised choice, as k-means keeps the best of its n_init starts by
-    its own objective."""
+def choose_restarts(
+    results: list[TrainResult], restarts: int, monitor: str, recurrence=None
+) -> list[TrainResult]:
+    """Per seed, one of its `restarts` candidates (consecutive in `results`), without labels:
+    the one with the lowest monitored validation value at its best epoch, the criterion that
+    already picks each run's best epoch, as k-means keeps the best of its n_init starts by its
+    own objective; or, given each candidate's `recurrence` ([len(results)], --restart-choice
+    agreement), the one whose clustering recurs most in the other seeds' runs, ties to the lower
+    monitored value."""
     chosen = []
     for first in range(0, len(results), restarts):
         candidates = results[first : first + restarts]
         scores = tuple(c.history[c.best_epoch - 1][f"val_{monitor}"] for c in candidates)
         best = int(np.argmin(scores))
-        chosen.append(candidates[best]._replace(restart=best, restart_scores=scores))
+        recurring = ()
+        if recurrence is not None:
+            recurring = tuple(float(value) for value in recurrence[first : first + restarts])
+            best = max(range(restarts), key=lambda j: (recurring[j], -scores[j]))
+        chosen.append(
+            candidates[best]._replace(
+                restart=best, restart_scores=scores, restart_recurrence=recurring
+            )
+        )
     return chosen
+
+
+def recurrence(train_channels: list[np.ndarray], seeds: list[int]) -> np.ndarray:
+    """How far each candidate's clustering recurs in the other seeds' runs, label-free: for
+    candidate i of seed s, the mean over the other seeds t of max_j ARI(channels_i, channels_j),
+    j over t's candidates; channels: argmax_k r of the same training images, [N] each. A
+    partition that several seeds reach scores high; one that a single start fell into, low."""
+    from sklearn.metrics import adjusted_rand_score
+
+    count, seeds = len(train_channels), np.asarray(seeds)
+    ari = np.eye(count)
+    for i, j in itertools.combinations(range(count), 2):
+        ari[i, j] = ari[j, i] = adjusted_rand_score(train_channels[i], train_channels[j])
+    return np.array(
+        [
+            np.mean([ari[i, seeds == t].max() for t in np.unique(seeds) if t != seeds[i]])
+            for i in range(count)
+        ]
+    )
+
+
+def candidates_recurrence(results: list[TrainResult], config: Config, data) -> np.ndarray:
+    """recurrence() of every candidate among the candidates of its own sweep point."""
+    per_point = len(replica_seeds(config)) * config.restarts
+    channels = [
+        train_channels(result.model, config, data, result.best_k_active) for result in results
+    ]
+    return np.concatenate(
+        [
+            recurrence(
+                channels[first : first + per_point],
+                [result.seed for result in results[first : first + per_point]],
+            )
+            for first in range(0, len(results), per_point)
+        ]
+    )
 
 
 @dataclasses.dataclass
@@ -1227,14 +1276,19 @@ def evaluation(model, config: Config, data: Dataset, k_active: int):
     argmax_k r, for the seeds' agreement."""
     metrics, terms = mixvae.evaluate(*evaluation_inputs(model, config, data.test.images, k_active))
     responsibilities = np.asarray(terms.responsibilities)
-    train_responsibilities = mixvae.encode_responsibilities(
+    channels = responsibilities.argmax(-1)
+    training_channels = train_channels(model, config, data, k_active)
+    scores = clustering_scores(channels, data.test.labels, training_channels, data.train.labels)
+    result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
+    return result, responsibilities, np.asarray(metrics["usage"]), training_channels
+
+
+def train_channels(model, config: Config, data: Dataset, k_active: int) -> np.ndarray:
+    """Each training image's channel argmax_k r, [N]."""
+    responsibilities = mixvae.encode_responsibilities(
         *train_responsibilities_inputs(model, config, data, k_active)
     )
-    channels = responsibilities.argmax(-1)
-    train_channels = np.asarray(train_responsibilities).argmax(-1)
-    scores = clustering_scores(channels, data.test.labels, train_channels, data.train.labels)
-    result = {**to_floats(metrics), **scores, "test_samples": len(channels)}
-    return result, responsibilities, np.asarray(metrics["usage"]), train_channels
+    return np.asarray(responsibilities).argmax(-1)
 
 
 def seed_agreement(train_channels: list[np.ndarray]) -> dict[str, float]:
@@ -1471,7 +1525,13 @@ def summary_of(config, data, result: TrainResult, evaluation_metrics, outcome: O
             {
                 "restarts": {
                     "chosen": result.restart,
+                    "choice": config.restart_choice,
                     f"val_{config.monitor}": list(result.restart_scores),
+                    **(
+                        {"recurrence": list(result.restart_recurrence)}
+                        if result.restart_recurrence
+                        else {}
+                    ),
                 }
             }
             if result.restart_scores
@@ -2247,7 +2307,11 @@ def write_sweep_report(
         "",
         f"{len(point_rows)} grid points ({' x '.join(config.sweep)}), "
         f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
-        + (f", best of {config.restarts} restarts each" if config.restarts > 1 else "")
+        + (
+            f", one of {config.restarts} restarts each kept by {config.restart_choice}"
+            if config.restarts > 1
+            else ""
+        )
         + f": {len(replicas(config))} replicas trained side by side in one compiled epoch "
         f"({groups[0][0]['training']['training_time_sec']:.1f} s of training). Test metrics of "
         "each run's best model"
@@ -2571,7 +2635,10 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     if outcome.status == "diverged":
         outcome = outcome._replace(kept=kept_after_divergence(state, results, replaced))
     if config.restarts > 1 and results[0].history:
-        results = choose_restarts(results, config.restarts, config.monitor)
+        recurring = None
+        if config.restart_choice == "agreement":
+            recurring = candidates_recurrence(results, config, data)
+        results = choose_restarts(results, config.restarts, config.monitor, recurring)
         for result, directory in zip(results, seed_dirs(run_dir, config), strict=True):
             write_history(directory / "history.csv", result.history)
     if not results[0].history:  # stopped within the first epoch: nothing to evaluate
@@ -2817,6 +2884,7 @@ def reevaluate_run(run_dir: Path, config: Config) -> tuple[dict, np.ndarray]:
             {
                 "restart": summary["restarts"]["chosen"],
                 "restart_scores": tuple(summary["restarts"][f"val_{saved.monitor}"]),
+                "restart_recurrence": tuple(summary["restarts"].get("recurrence", ())),
             }
             if "restarts" in summary
             else {}
