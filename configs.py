@@ -51,16 +51,17 @@ class Config:
     Unset: --seed alone."""
     restarts: int = 1
     """Candidates per seed: train N (their own initialisations, batch orders and noise; the
-    first starts as the plain run of the seed) and keep the one with the best validation
-    --monitor value at its best epoch (the objective, by default), as k-means keeps the best of
-    its n_init starts by its objective. No label is used. Costs N x the training; every
-    candidate's history stays in restart_<j>/ (MNIST results: README, Restarts)."""
+    first starts as the plain run of the seed) and keep one by --restart-choice: by default the
+    one with the best validation --monitor value at its best epoch (the objective), as k-means
+    keeps the best of its n_init starts by its objective. No label is used. Costs N x the
+    training; every candidate's history stays in restart_<j>/ (MNIST results: README,
+    Restarts)."""
     restart_choice: Literal["monitor", "agreement"] = "monitor"
     """How --restarts keeps one candidate per seed, without labels. monitor: the best validation
     --monitor value at its best epoch. agreement: the candidate whose clustering recurs in the
     other seeds' runs: the mean over the other seeds of its highest adjusted Rand index with one
     of their candidates (channels of the training images); needs two or more --seeds, and
-    couples the seeds' results (README, Restarts)."""
+    couples the seeds' results (README, Results on MNIST, Seed agreement)."""
     sweep: tuple[str, ...] = ()
     """Train a grid of hyperparameters as replicas of one compiled epoch, e.g. --sweep
     prior-mean=3,5,7,9 prior-sigma=0.5,1: the product of the lists (times --seeds and
