@@ -1469,6 +1469,8 @@ def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_
     assert len(scores) == 2 and summary["restarts"]["chosen"] == int(np.argmin(scores))
     candidates = [read_history(out / f"restart_{j}") for j in (0, 1)]
     assert read_history(out) == candidates[summary["restarts"]["chosen"]]
+    kept = f"candidate {summary['restarts']['chosen']} of 2 kept (the lowest val loss: "
+    assert kept in (out / "REPORT.md").read_text()
     assert [row["restart"] for row in candidates[1]] == ["1", "1"]
     pooled = tmp_path / "pooled"
     flags = ["--restarts", "2", "--restart-choice", "agreement", "--seeds", "0", "1"]
@@ -1480,6 +1482,9 @@ def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_
         assert restarts["chosen"] == max(
             (0, 1), key=lambda j: (recurring[j], -restarts["val_loss"][j])
         )
+        report = (pooled / f"seed_{seed}" / "REPORT.md").read_text()
+        kept = f"candidate {restarts['chosen']} of 2 kept (its clustering recurs most in the other"
+        assert kept in report
 
 
 @pytest.mark.parametrize(

@@ -1962,6 +1962,15 @@ def what_happened(config: Config, summary: dict) -> str:
         )
     else:
         ended = f"finished all {done} epochs"
+    if "restarts" in summary:
+        restarts = summary["restarts"]
+        chosen, scores = restarts["chosen"], restarts[f"val_{config.monitor}"]
+        if restarts.get("choice", "monitor") == "agreement":
+            recurrence = restarts["recurrence"][chosen]
+            by = f"its clustering recurs most in the other seeds' runs: {recurrence:.3f}"
+        else:
+            by = f"the lowest val {config.monitor}: {number(scores[chosen])}"
+        ended += f"; candidate {chosen} of {len(scores)} kept ({by})"
     if anneals_done(config, best - 1):
         why = f"the lowest val {config.monitor} once the anneals had ended" + (
             ", kick epochs excluded, within one set of open channels" if config.curriculum else ""
