@@ -685,17 +685,17 @@ def choose_restarts(
     return chosen
 
 
-def recurrence(train_channels: list[np.ndarray], seeds: list[int]) -> np.ndarray:
+def recurrence(channels: list[np.ndarray], seeds: list[int]) -> np.ndarray:
     """How far each candidate's clustering recurs in the other seeds' runs, label-free: for
     candidate i of seed s, the mean over the other seeds t of max_j ARI(channels_i, channels_j),
     j over t's candidates; channels: argmax_k r of the same training images, [N] each. A
     partition that several seeds reach scores high; one that a single start fell into, low."""
     from sklearn.metrics import adjusted_rand_score
 
-    count, seeds = len(train_channels), np.asarray(seeds)
+    count, seeds = len(channels), np.asarray(seeds)
     ari = np.eye(count)
     for i, j in itertools.combinations(range(count), 2):
-        ari[i, j] = ari[j, i] = adjusted_rand_score(train_channels[i], train_channels[j])
+        ari[i, j] = ari[j, i] = adjusted_rand_score(channels[i], channels[j])
     return np.array(
         [
             np.mean([ari[i, seeds == t].max() for t in np.unique(seeds) if t != seeds[i]])
@@ -1291,14 +1291,14 @@ def train_channels(model, config: Config, data: Dataset, k_active: int) -> np.nd
     return np.asarray(responsibilities).argmax(-1)
 
 
-def seed_agreement(train_channels: list[np.ndarray]) -> dict[str, float]:
+def seed_agreement(channels: list[np.ndarray]) -> dict[str, float]:
     """How far the seeds' clusterings agree, label-free: the adjusted Rand index of each pair of
     seeds' channels of the same training images (argmax_k r, [N] each), its mean and minimum.
     1: the same partition whatever the channels' order; about 0: as alike as chance. A run
     collapsed into one channel agrees trivially: read it beside the confidence and k_eff."""
     from sklearn.metrics import adjusted_rand_score
 
-    pairs = [adjusted_rand_score(a, b) for a, b in itertools.combinations(train_channels, 2)]
+    pairs = [adjusted_rand_score(a, b) for a, b in itertools.combinations(channels, 2)]
     return {"mean": float(np.mean(pairs)), "min": float(np.min(pairs)), "pairs": len(pairs)}
 
 
@@ -2103,7 +2103,7 @@ def timing_table(timing: dict[str, float]) -> list[str]:
 
 
 def write_group_reports(
-    run_dir: Path, config: Config, summaries: list[dict], train_channels: list[np.ndarray]
+    run_dir: Path, config: Config, summaries: list[dict], seed_channels: list[np.ndarray]
 ) -> None:
     """After each seed's own report: the mean +- std report of each point with several seeds
     (with the seeds' agreement), then the sweep's report."""
@@ -2112,7 +2112,7 @@ def write_group_reports(
     agreements = [None] * len(groups)
     if per_point > 1:
         agreements = [
-            seed_agreement(train_channels[i : i + per_point])
+            seed_agreement(seed_channels[i : i + per_point])
             for i in range(0, len(summaries), per_point)
         ]
         for directory, point, group, agreement in zip(
@@ -2327,7 +2327,7 @@ def write_sweep_report(
         + (", mean ± sample std over the seeds" if len(seeds) > 1 else "")
         + (
             "; the last two columns are label-free, the ones to choose a point by: how well the "
-            "model fits (validation −ELBO) and how reproducible its clustering is (seed "
+            "model fits (validation -ELBO) and how reproducible its clustering is (seed "
             "agreement: the mean, and lowest, adjusted Rand index between two seeds' channels of "
             "the same training images)."
             if agreeing
@@ -2658,7 +2658,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             status_of(outcome),
         )
         return run_dir, outcome
-    summaries, train_channels = [], []
+    summaries, seed_channels = [], []
     seed_keys = replica_keys([(result.seed, 0) for result in results])
     for result, directory, seed_config, (_, _, figure_key, iw_key) in zip(
         results, seed_dirs(run_dir, config), seed_configs(config), seed_keys, strict=True
@@ -2677,8 +2677,8 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
             timings,
         )
         summaries.append(summary)
-        train_channels.append(channels)
-    write_group_reports(run_dir, config, summaries, train_channels)
+        seed_channels.append(channels)
+    write_group_reports(run_dir, config, summaries, seed_channels)
     return run_dir, outcome
 
 
@@ -2736,7 +2736,7 @@ def evaluate_and_report(
     (imports, data, ...), to which this adds its own."""
     timings = dict(timings)
     with timed(timings, "test_evaluation"):
-        evaluation_metrics, responsibilities, usage, train_channels = evaluation(
+        evaluation_metrics, responsibilities, usage, training_channels = evaluation(
             result.model, config, data, result.best_k_active
         )
     if config.eval_iw_samples:
@@ -2770,7 +2770,7 @@ def evaluate_and_report(
         )
     )
     print(f"report: {run_dir / 'REPORT.md'}")
-    return summary, train_channels
+    return summary, training_channels
 
 
 def failure_warnings(result: TrainResult, metrics: dict, responsibilities, labels) -> list[str]:
@@ -2836,10 +2836,10 @@ def reevaluate(config: Config) -> Path:
         reevaluate_run(run_dir, config)
         return run_dir
     saved = dataclasses.replace(saved, **evaluation_flags(config))
-    summaries, train_channels = zip(
+    summaries, seed_channels = zip(
         *(reevaluate_run(directory, config) for directory in seed_dirs(run_dir, saved)), strict=True
     )
-    write_group_reports(run_dir, saved, list(summaries), list(train_channels))
+    write_group_reports(run_dir, saved, list(summaries), list(seed_channels))
     return run_dir
 
 
