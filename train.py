@@ -690,12 +690,7 @@ def recurrence(channels: list[np.ndarray], seeds: list[int]) -> np.ndarray:
     candidate i of seed s, the mean over the other seeds t of max_j ARI(channels_i, channels_j),
     j over t's candidates; channels: argmax_k r of the same training images, [N] each. A
     partition that several seeds reach scores high; one that a single start fell into, low."""
-    from sklearn.metrics import adjusted_rand_score
-
-    count, seeds = len(channels), np.asarray(seeds)
-    ari = np.eye(count)
-    for i, j in itertools.combinations(range(count), 2):
-        ari[i, j] = ari[j, i] = adjusted_rand_score(channels[i], channels[j])
+    count, seeds, ari = len(channels), np.asarray(seeds), pairwise_ari(channels)
     return np.array(
         [
             np.mean([ari[i, seeds == t].max() for t in np.unique(seeds) if t != seeds[i]])
@@ -1291,14 +1286,23 @@ def train_channels(model, config: Config, data: Dataset, k_active: int) -> np.nd
     return np.asarray(responsibilities).argmax(-1)
 
 
-def seed_agreement(channels: list[np.ndarray]) -> dict[str, float]:
-    """How far the seeds' clusterings agree, label-free: the adjusted Rand index of each pair of
-    seeds' channels of the same training images (argmax_k r, [N] each), its mean and minimum.
-    1: the same partition whatever the channels' order; about 0: as alike as chance. A run
-    collapsed into one channel agrees trivially: read it beside the confidence and k_eff."""
+def pairwise_ari(channels: list[np.ndarray]) -> np.ndarray:
+    """The adjusted Rand index of every pair of clusterings of the same images ([N] channels
+    each), [n, n] with ones on the diagonal: 1 for the same partition whatever the channels'
+    order, about 0 for partitions as alike as chance."""
     from sklearn.metrics import adjusted_rand_score
 
-    pairs = [adjusted_rand_score(a, b) for a, b in itertools.combinations(channels, 2)]
+    ari = np.eye(len(channels))
+    for i, j in itertools.combinations(range(len(channels)), 2):
+        ari[i, j] = ari[j, i] = adjusted_rand_score(channels[i], channels[j])
+    return ari
+
+
+def seed_agreement(channels: list[np.ndarray]) -> dict[str, float]:
+    """How far the seeds' clusterings agree, label-free: the mean and minimum of pairwise_ari
+    over every pair of seeds' channels of the same training images (argmax_k r). A run
+    collapsed into one channel agrees trivially: read it beside the confidence and k_eff."""
+    pairs = pairwise_ari(channels)[np.triu_indices(len(channels), k=1)]
     return {"mean": float(np.mean(pairs)), "min": float(np.min(pairs)), "pairs": len(pairs)}
 
 
@@ -2108,13 +2112,12 @@ def write_group_reports(
     """After each seed's own report: the mean +- std report of each point with several seeds
     (with the seeds' agreement), then the sweep's report."""
     per_point = len(replica_seeds(config))
-    groups = [summaries[i : i + per_point] for i in range(0, len(summaries), per_point)]
-    agreements = [None] * len(groups)
+    starts = range(0, len(summaries), per_point)
+    groups = [summaries[i : i + per_point] for i in starts]
+    agreements = [
+        seed_agreement(seed_channels[i : i + per_point]) if per_point > 1 else None for i in starts
+    ]
     if per_point > 1:
-        agreements = [
-            seed_agreement(seed_channels[i : i + per_point])
-            for i in range(0, len(summaries), per_point)
-        ]
         for directory, point, group, agreement in zip(
             point_dirs(run_dir, config), sweep_points(config), groups, agreements, strict=True
         ):
