@@ -722,9 +722,13 @@ def test_bad_values_are_one_line_naming_the_flag_typed_and_write_nothing(
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_directory_is_never_overwritten(tmp_path):
+def test_existing_run_directory_is_never_overwritten(tmp_path, monkeypatch, capsys):
+    """Refused before any work: no data loaded, no model built."""
     (tmp_path / "keep.txt").write_text("precious")
+    monkeypatch.setattr(train, "load_dataset", None)
+    monkeypatch.setattr(train, "initial_state", None)
     assert train.main(["--out-dir", str(tmp_path), "--epochs", "1"]) == 2
+    assert "--out-dir" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 

@@ -581,7 +581,13 @@ def init_program(settings: tuple, input_dim: int, count: int):
 
 
 def replica(stacked, r: int):
-    """Replica r of a pytree stacked on a leading replica axis."""
+    """Replica r of a pytree stacked on a leading replica axis (one compiled program for every
+    r, not one slice per leaf shape)."""
+    return take_replica(stacked, jnp.asarray(r))
+
+
+@eqx.filter_jit
+def take_replica(stacked, r):
     arrays, static = eqx.partition(stacked, eqx.is_array)
     return eqx.combine(jax.tree.map(lambda a: a[r], arrays), static)
 
@@ -1426,24 +1432,9 @@ def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
     else:
         run_dir = Path(config.out_dir)
         problem = f"--out-dir={str(run_dir)!r} is not allowed"
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            if not (config.overwrite and (run_dir / "config.json").is_file()):
-                raise ConfigError(
-                    f"{problem}: it exists and is not an empty directory (choose a "
-                    "new one, or --overwrite a previous run directory)"
-                )
-            foreign = sorted(
-                entry.name
-                for entry in run_dir.iterdir()
-                if entry.name not in RUN_FILES
-                and not entry.name.startswith((".", "seed_"))
-                and not (entry / "config.json").is_file()  # a sweep point's directory
-            )
-            if foreign:
-                raise ConfigError(
-                    f"{problem}: --overwrite would delete {', '.join(foreign)}, "
-                    "which this program did not write (move them away first)"
-                )
+        if refusal := out_dir_refusal(config):
+            raise ConfigError(refusal)
+        if run_dir.exists() and any(run_dir.iterdir()):  # a previous run, to --overwrite
             replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
             run_dir.rename(replaced)
         try:
@@ -1467,6 +1458,36 @@ def claim_run_dir(config: Config) -> tuple[Path, Path | None]:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     return run_dir, replaced
+
+
+def out_dir_refusal(config: Config) -> str:
+    """Why --out-dir cannot take a new run ("" when it can): it exists and is not an empty
+    directory, unless --overwrite names a previous run directory that holds only files this
+    program writes."""
+    if config.out_dir is None:
+        return ""
+    run_dir = Path(config.out_dir)
+    problem = f"--out-dir={str(run_dir)!r} is not allowed"
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return ""
+    if not (config.overwrite and (run_dir / "config.json").is_file()):
+        return (
+            f"{problem}: it exists and is not an empty directory (choose a new one, or "
+            "--overwrite a previous run directory)"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in run_dir.iterdir()
+        if entry.name not in RUN_FILES
+        and not entry.name.startswith((".", "seed_"))
+        and not (entry / "config.json").is_file()  # a sweep point's directory
+    )
+    if foreign:
+        return (
+            f"{problem}: --overwrite would delete {', '.join(foreign)}, which this program did "
+            "not write (move them away first)"
+        )
+    return ""
 
 
 def point_dirs(run_dir: Path, config: Config) -> list[Path]:
@@ -2470,10 +2491,17 @@ def claim_for_all_processes(config: Config) -> tuple[Path, Path | None]:
             claimed = claim_run_dir(config)
         except ConfigError as error:
             refusal = str(error)
-    refusal = text_from_process_zero(refusal)
+    raise_refusal_of_process_zero(refusal)
+    return claimed if jax.process_index() == 0 else (scratch_dir(), None)
+
+
+def raise_refusal_of_process_zero(refusal: str) -> None:
+    """Raise process 0's refusal ("" for none) as a ConfigError on every process (a collective
+    in a --distributed run: every process calls it)."""
+    if jax.process_count() > 1:
+        refusal = text_from_process_zero(refusal if jax.process_index() == 0 else "")
     if refusal:
         raise ConfigError(refusal)
-    return claimed if jax.process_index() == 0 else (scratch_dir(), None)
 
 
 def scratch_dir() -> Path:
@@ -2592,6 +2620,8 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     timings = {"imports": IMPORTS_SEC}
     fresh = not resuming and not config.validate_only
     building = None
+    if fresh:  # a taken --out-dir is refused before any work (claim_run_dir checks it again)
+        raise_refusal_of_process_zero(out_dir_refusal(config))
     try:
         with timed(timings, "data"):
             if fresh:  # the replicas are built (their initialiser compiled) while the data loads
@@ -2869,7 +2899,9 @@ def reevaluate_run(run_dir: Path, config: Config) -> tuple[dict, np.ndarray]:
         ) from None
     data = load_dataset(saved)
     _, _, figure_key, iw_key = replica_keys([(saved.seed, 0)])[0]
-    skeleton = build_model(saved, data.train.images.shape[1], jax.random.key(0))
+    skeleton = eqx.filter_eval_shape(
+        build_model, saved, data.train.images.shape[1], jax.random.key(0)
+    )
     try:
         model = eqx.tree_deserialise_leaves(run_dir / "checkpoint.eqx", skeleton)
     except Exception as error:  # equinox raises several kinds for a mismatched or truncated file
