@@ -534,13 +534,15 @@ def replica_values(config: Config, name: str) -> np.ndarray:
 def replica_keys(pairs) -> jax.Array:
     """Per (seed s, restart j): key(s), folded with j when j > 0, split into (init, train,
     figures, importance sampling) keys -> [R, 4]. Restart 0 is the plain run of seed s."""
-
-    def keys(seed, restart):
-        key = jax.random.key(seed)
-        return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
-
     seeds, restarts = np.array(pairs).reshape(-1, 2).T
-    return jax.vmap(keys)(jnp.asarray(seeds), jnp.asarray(restarts))
+    return split_replica_keys(seeds, restarts)
+
+
+@jax.jit
+@jax.vmap
+def split_replica_keys(seed, restart):
+    key = jax.random.key(seed)
+    return jax.random.split(jnp.where(restart > 0, jax.random.fold_in(key, restart), key), 4)
 
 
 def shuffler(seed: int, restart: int) -> np.random.Generator:
@@ -1074,14 +1076,14 @@ def train(
                 objective,
                 optimizer,
             )
-            epoch_metrics = summarize_replicas(step_metrics)
+            epoch_metrics = jax.device_get(summarize_replicas(step_metrics))  # [R, ...] on the host
             train_metrics = replica_floats(epoch_metrics)
             validation_compiled()
             val_metrics = replica_floats(
                 mixvae.validate_replicas(models, val_images, sched, objective)
             )
             epoch_times.append(time.perf_counter() - tick)
-            broken = non_finite(jax.device_get(epoch_metrics), val_metrics, state.running)
+            broken = non_finite(epoch_metrics, val_metrics, state.running)
             if broken and (epoch == 0 or len(broken) == state.running.sum()):
                 # every running replica, or one before any finite epoch: keep the last good
                 # state, history and checkpoint
