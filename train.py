@@ -839,6 +839,20 @@ def state_arrays(state: TrainState):
     return (state.models, state.opt_states, jax.random.key_data(state.keys), state.best_models)
 
 
+def state_shapes(config: Config, input_dim: int):
+    """state_arrays of initial_state(config, input_dim) as shapes and dtypes, nothing computed:
+    the template load_state reads a saved state into."""
+    model = functools.partial(mixvae.MixVAE, input_dim=input_dim, **dict(model_settings(config)))
+
+    def arrays(init_keys, train_keys):
+        models = eqx.filter_vmap(model)(init_keys)
+        opt_states = init_optimizers(mixvae.make_optimizer(config.learning_rate), models)
+        return models, opt_states, jax.random.key_data(train_keys), models
+
+    keys = jax.ShapeDtypeStruct((len(replicas(config)),), jax.random.key(0).dtype)
+    return eqx.filter_eval_shape(arrays, keys, keys)
+
+
 def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
     """The state saved by save_state, checked against `config`; ConfigError when it is missing,
     truncated or from another configuration."""
@@ -848,7 +862,6 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
         raise ConfigError(
             f"{problem} is missing (not a run directory, or no checkpoint was written yet)"
         )
-    fresh = initial_state(config, input_dim)
     try:
         with open(path, "rb") as f:
             header = read_state_header(f)
@@ -873,7 +886,7 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
                     f"({', '.join(configs.flag(k) for k in changed)} differ)"
                 )
             models, opt_states, key_data, best_models = eqx.tree_deserialise_leaves(
-                f, state_arrays(fresh)
+                f, state_shapes(config, input_dim)
             )
             if f.read(1):
                 raise ValueError("trailing bytes")
@@ -902,7 +915,7 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
         curriculum,
         header["histories"],
         header.get("training_time", 0.0),
-        header.get("diverged", fresh.diverged),
+        header.get("diverged", ["" for _ in replicas(config)]),
     )
 
 
