@@ -842,10 +842,9 @@ def state_arrays(state: TrainState):
 def state_shapes(config: Config, input_dim: int):
     """state_arrays of initial_state(config, input_dim) as shapes and dtypes, nothing computed:
     the template load_state reads a saved state into."""
-    model = functools.partial(mixvae.MixVAE, input_dim=input_dim, **dict(model_settings(config)))
 
     def arrays(init_keys, train_keys):
-        models = eqx.filter_vmap(model)(init_keys)
+        models = eqx.filter_vmap(lambda key: build_model(config, input_dim, key))(init_keys)
         opt_states = init_optimizers(mixvae.make_optimizer(config.learning_rate), models)
         return models, opt_states, jax.random.key_data(train_keys), models
 
