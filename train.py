@@ -2635,7 +2635,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     fresh = not resuming and not config.validate_only
     building = None
     if fresh:  # a taken --out-dir is refused before any work (claim_run_dir checks it again)
-        raise_refusal_of_process_zero(out_dir_refusal(config))
+        raise_refusal_of_process_zero(out_dir_refusal(config) if jax.process_index() == 0 else "")
     try:
         with timed(timings, "data"):
             if fresh:  # the replicas are built (their initialiser compiled) while the data loads
