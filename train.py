@@ -2511,9 +2511,9 @@ def claim_for_all_processes(config: Config) -> tuple[Path, Path | None]:
 
 def raise_refusal_of_process_zero(refusal: str) -> None:
     """Raise process 0's refusal ("" for none) as a ConfigError on every process (a collective
-    in a --distributed run: every process calls it)."""
+    in a --distributed run: every process calls it; the others' `refusal` is not read)."""
     if jax.process_count() > 1:
-        refusal = text_from_process_zero(refusal if jax.process_index() == 0 else "")
+        refusal = text_from_process_zero(refusal)
     if refusal:
         raise ConfigError(refusal)
 
