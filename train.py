@@ -275,28 +275,32 @@ def split_seed(config: Config) -> int:
     return config.seed if config.split_seed is None else config.split_seed
 
 
+def stratified_split(split: Split, seed: int, **size) -> tuple[Split, Split]:
+    """scikit-learn's train_test_split of (images, labels), stratified by the labels: `size` is
+    its test_size or train_size."""
+    from sklearn.model_selection import train_test_split  # scikit-learn: imported where used
+
+    first_x, second_x, first_y, second_y = train_test_split(
+        split.images, split.labels, **size, random_state=seed, stratify=split.labels
+    )
+    return Split(first_x, first_y), Split(second_x, second_y)
+
+
 def load_dataset(config: Config) -> Dataset:
     """digits: sklearn's 8x8 digits scaled to [0, 1], split train/val/test (stratified, by the
     split seed).
     mnist, fashion-mnist: the official IDX files as uint8; the official test split; --num-samples
     takes a stratified subset of the training split; validation is held out of the training
     split."""
-    from sklearn.model_selection import train_test_split  # scikit-learn: imported where used
-
+    seed = split_seed(config)
     if config.dataset == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = (digits.data / 16.0).astype(np.float32)
-        labels = digits.target.astype(np.int64)
-        rest_x, test_x, rest_y, test_y = train_test_split(
-            images,
-            labels,
-            test_size=DIGITS_TEST_FRACTION,
-            random_state=split_seed(config),
-            stratify=labels,
-        )
-        rest, test, side = Split(rest_x, rest_y), Split(test_x, test_y), DIGITS_SIDE
+        everything = Split(images, digits.target.astype(np.int64))
+        rest, test = stratified_split(everything, seed, test_size=DIGITS_TEST_FRACTION)
+        side = DIGITS_SIDE
     else:
         paths = fetch_idx_files(config.dataset, data_dir_of(config))
         rest = read_idx_split(
@@ -307,22 +311,9 @@ def load_dataset(config: Config) -> Dataset:
         )
         side = mixvae.image_side(rest.images.shape[1])
     if config.num_samples is not None and config.num_samples < len(rest.images):
-        x, _, y, _ = train_test_split(
-            rest.images,
-            rest.labels,
-            train_size=config.num_samples,
-            random_state=split_seed(config),
-            stratify=rest.labels,
-        )
-        rest = Split(x, y)
-    train_x, val_x, train_y, val_y = train_test_split(
-        rest.images,
-        rest.labels,
-        test_size=config.val_split,
-        random_state=split_seed(config),
-        stratify=rest.labels,
-    )
-    data = Dataset(config.dataset, Split(train_x, train_y), Split(val_x, val_y), test, side)
+        rest, _ = stratified_split(rest, seed, train_size=config.num_samples)
+    training, validation = stratified_split(rest, seed, test_size=config.val_split)
+    data = Dataset(config.dataset, training, validation, test, side)
     if config.batch_size > len(data.train.images):
         raise ConfigError(
             f"--batch-size={config.batch_size} is not allowed: must be at most the "
