@@ -46,7 +46,7 @@ class Config:
     """Seed of the initialisation, the shuffling and the noise (and of the data split, unless
     --split-seed is given)."""
     seeds: tuple[int, ...] = ()
-    """Train one replica per seed in one process, vmapped (one compiled step for all), e.g.
+    """Train one replica per seed in one process, one compiled epoch for all of them, e.g.
     --seeds 0 1 2 3 4; every replica uses the data split of --split-seed (default --seed).
     Unset: --seed alone."""
     restarts: int = 1
@@ -120,7 +120,7 @@ class Config:
     """Decoder network (conv: transposed convolutions)."""
     decoder_conditioning: Literal["concat", "film", "separate"] = MODEL["conditioning"]
     """How a decoder knows its channel: concat or film a learned embedding into one shared
-    decoder, or separate decoders (K weight sets, vmapped)."""
+    decoder, or separate decoders (K weight sets)."""
     hidden_dim: int = MODEL["width"]
     """Width of the MLP layers."""
     logit_init_scale: float = MODEL["logit_init_scale"]

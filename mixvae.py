@@ -9,8 +9,9 @@ and the consistency term's random warp -> the one speed device that changes what
 (--top-m: decode each example's top-M channels only) -> the compiled train/eval steps.
 
 Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
-[K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits,
-r = softmax(y') the responsibilities, s the router's selection weights.
+[K]; all True unless a curriculum is on), y(x) in R^K the raw channel logits, y' = y + b on A
+and -inf off A (b: the curriculum kick's logit bias, 0 otherwise), r = softmax(y') the
+responsibilities, s the router's selection weights.
 
 The encoder acts on ONE example (Equinox style; batches are vmapped). The decoders act on a
 batch of rows, channel-major [K, B, ...], so that every layer is one matmul and nothing is
@@ -378,8 +379,8 @@ def dirichlet_penalty(pi, alpha, active_mask=None):
 
 def softplus(v):
     """log(1 + e^v) = max(v, 0) + log1p(e^-|v|), stable for any v; one exp and one log1p per
-    element, about half the cost of jax.nn.softplus (a general logaddexp) on a CPU. Both branches
-    switch on the same v >= 0, so the gradient is sigmoid(v) everywhere, 1/2 at v = 0 included."""
+    element, where jax.nn.softplus is a general logaddexp (README, Speed). Both branches switch
+    on the same v >= 0, so the gradient is sigmoid(v) everywhere, 1/2 at v = 0 included."""
     positive = v >= 0
     return jnp.where(positive, v, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -v, v)))
 
@@ -392,19 +393,19 @@ def reconstruction_nll(
     bernoulli:       decoded are logits; sum_p softplus(o_p) - x_p o_p.
     gaussian:        mean sigmoid(o), fixed sigma;
                      sum_p (x_p - mu_p)^2 / (2 sigma^2) + log(sqrt(2 pi) sigma).
-    heteroscedastic: as gaussian with one sigma per image, clip(sigma_min + softplus(s), sigma_min,
-                     sigma_max), s the decoder's last output.
+    heteroscedastic: as gaussian with one sigma per image, clip(sigma_min + softplus(u), sigma_min,
+                     sigma_max), u the decoder's last output.
     """
     num_pixels = x.shape[-1]
-    logits = decoded[..., :num_pixels]
+    outputs = decoded[..., :num_pixels]  # o
     if likelihood == "bernoulli":
-        return jnp.sum(softplus(logits) - x * logits, axis=-1)
+        return jnp.sum(softplus(outputs) - x * outputs, axis=-1)
     if likelihood == "gaussian":
         sigma = jnp.asarray(observation_sigma, x.dtype)
     else:
         sigma = jnp.clip(sigma_min + softplus(decoded[..., -1]), sigma_min, sigma_max)[..., None]
-    z = (x - jax.nn.sigmoid(logits)) / sigma
-    return jnp.sum(0.5 * jnp.square(z) + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    residual = (x - jax.nn.sigmoid(outputs)) / sigma
+    return jnp.sum(0.5 * jnp.square(residual) + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
 
 def decoded_mean(decoded, num_pixels):
@@ -461,15 +462,16 @@ def _float32(value):
 
 class Schedule(eqx.Module):
     """Per-epoch values, passed as arrays so that changing them never recompiles (built by
-    epoch_schedule, below). The last three are the curriculum's Kick; their defaults leave the
-    objective as stated."""
+    epoch_schedule, below). logit_bias, prior_scale and straight_through carry the curriculum's
+    Kick (its temperature enters tau as a floor); their defaults leave the objective as
+    stated."""
 
     c_anneal: jax.Array = eqx.field(converter=_float32)  # a(e), scales both c-terms
     temperature: jax.Array = eqx.field(converter=_float32)  # tau
     active_mask: jax.Array = eqx.field(converter=lambda v: jnp.asarray(v, bool))  # A, [K]
     logit_bias: jax.Array = eqx.field(
         default=0.0, converter=_float32
-    )  # added to the routing logits
+    )  # b, [K] or a scalar: added to the routing logits
     prior_scale: jax.Array = eqx.field(
         default=1.0, converter=_float32
     )  # multiplies the logit-MoG term
@@ -485,7 +487,9 @@ class Terms(NamedTuple):
     nll: jax.Array  # -log p(x | z_k), [B, K]; 0 where not decoded
     decoded_mask: jax.Array  # [B, K] bool: channels whose nll was computed (all, unless top_m)
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
-    consistency: jax.Array  # symmetric KL(r(x), r(augment(x))), [B]; zeros without w_cons or noise
+    # symmetric KL between softmax over A of y(x) and of y(augment(x)) (no kick bias), [B];
+    # zeros without w_cons or noise
+    consistency: jax.Array
 
 
 def decode_channels(model: MixVAE, z):
@@ -570,7 +574,8 @@ def loss_terms(model: MixVAE, terms: Terms, sched: Schedule, objective: Objectiv
 
     KL_z sums over the active channels (decentralized) or is the one shared KL. The logit-MoG
     term is scaled by the schedule's prior_scale, and is zero while |A| = 1: with one open
-    channel there is nothing to choose, and the term would only push that one logit up.
+    channel there is nothing to choose, and the term would only push that one logit up. The
+    consistency term compares softmax over A of the raw logits y, without the kick's bias b.
     """
     mask = sched.active_mask
     pi = mixture_weights(model, mask)
@@ -878,7 +883,8 @@ class MLPDecoder(eqx.Module):
 class ConvDecoder(eqx.Module):
     """z (+ e) -> dense -> [C2, b, b] -> two stride-2 transposed convs -> crop to side x side.
 
-    Extra per-image outputs (the heteroscedastic log-scale) come from the dense features.
+    Extra per-image outputs (the heteroscedastic likelihood's raw scale u) come from the dense
+    features.
     """
 
     dense: eqx.nn.Linear
@@ -1184,9 +1190,9 @@ def evaluate(model, images, sched, objective, chunk_size=256):
 
 @eqx.filter_jit
 def encode_responsibilities(model, images, sched, chunk_size=256):
-    """r = softmax(y' + the schedule's logit bias) of every image of `images` [N, P] -> [N, K]:
-    evaluate's terms.responsibilities from the encoder alone (no decoder), in chunks; one
-    compiled call."""
+    """r = softmax(y') (y' = y + the schedule's logit bias b, on A) of every image of `images`
+    [N, P] -> [N, K]: evaluate's terms.responsibilities from the encoder alone (no decoder), in
+    chunks; one compiled call."""
     return map_in_chunks(
         lambda x, _: jax.nn.softmax(
             mask_logits(jax.vmap(model.encoder)(x)[0] + sched.logit_bias, sched.active_mask), -1

@@ -3,18 +3,20 @@
     python train.py --c-regularizer logit_mog --prior-mean 7
     python train.py --help
 
-Sections, top to bottom:
+Sections, top to bottom (their headers below):
   Command line          tyro flags -> Config, one-line errors
   Data                  the embedded digits, or MNIST-style IDX files (downloaded, MD5-checked)
-  Model, objective      Config -> mixvae.MixVAE, mixvae.Objective, the epoch's Schedule, the
-                        curriculum; the data mesh
+  Model, objective and  Config -> mixvae.MixVAE, mixvae.Objective, the epoch's Schedule, the
+  schedules             curriculum; the data mesh
   Replicas              seeds, restarts and sweep points as one stacked model
   Training              the epoch loop: one compiled call per epoch, early stopping, the
                         training state (checkpoints, --resume, signals, divergence)
   Evaluation            test metrics, clustering scores, IW-NLL
   Artifacts             config.json, history.csv, summary.json, checkpoint.eqx, run directories
-  Figures, REPORT.md    one run's figures and report
-  Seeds and sweeps      the mean +- std and sweep reports
+  Figures               one run's figures
+  REPORT.md             one run's report
+  Seeds and sweep       the mean +- std and sweep reports
+  reports
   Many processes        --distributed: process 0 writes
   Main                  run(): validate, load, train or resume, evaluate, report; main()
 """
@@ -736,6 +738,10 @@ class TrainState:
     training_time: float = 0.0  # seconds spent training, summed over this run's resumptions
     diverged: list = dataclasses.field(default_factory=list)  # per replica: why it stopped, or ""
 
+    def k_active(self, config: Config) -> int:
+        """|A|: the channels open now (all of them without a curriculum)."""
+        return config.num_components if self.curriculum is None else self.curriculum.k_active
+
 
 @eqx.filter_jit
 def init_optimizers(optimizer, models):
@@ -855,12 +861,9 @@ def load_state(run_dir: Path, config: Config, input_dim: int) -> TrainState:
     try:
         with open(path, "rb") as f:
             header = read_state_header(f)
-            # what may change between a run and its resumption: where it lives, how long it runs
-            may_change = (
-                *("out_dir", "name", "overwrite", "epochs", "checkpoint_every"),
-                *EVALUATION_FLAGS,
-                *PROCESS_FLAGS,
-            )
+            # what may change between a run and its resumption: the flags --resume takes, and
+            # where the run lives
+            may_change = (RESUME_FLAGS - {"resume"}) | {"out_dir", "name", "overwrite"}
             saved = dataclasses.replace(
                 config_from_json(header["config"]),
                 **{name: getattr(config, name) for name in may_change},
@@ -1030,7 +1033,7 @@ def train(
     num_train, batch_size = len(data.train.images), config.batch_size
     steps = num_train // batch_size
     epoch_times, outcome = [], Outcome("finished", "")
-    k_active = config.num_components if state.curriculum is None else state.curriculum.k_active
+    k_active = state.k_active(config)
 
     def mean(name, rows):  # over the replicas that trained this epoch
         return float(np.mean([row[name] for row, on in zip(rows, ran, strict=True) if on]))
@@ -1043,7 +1046,7 @@ def train(
         schedule(config, state.epoch, k_active),
         objective,
     )  # while the main thread compiles the epoch
-    start, saved_epoch, time_before = time.perf_counter(), state.epoch, state.training_time
+    start, last_saved_epoch, time_before = time.perf_counter(), state.epoch, state.training_time
     with (
         StopRequest() as stop,
         tqdm(
@@ -1057,9 +1060,7 @@ def train(
     ):
         while state.epoch < config.epochs and state.running.any():
             tick, epoch, ran = time.perf_counter(), state.epoch, state.running.copy()
-            k_active = (
-                config.num_components if state.curriculum is None else state.curriculum.k_active
-            )
+            k_active = state.k_active(config)
             kick_active = state.curriculum is not None and state.curriculum.kick_left > 0
             sched = schedule(config, epoch, k_active, kick_active)
             batches = np.stack(
@@ -1150,7 +1151,7 @@ def train(
             if saving:
                 state.training_time = time_before + time.perf_counter() - start
                 save_state(run_dir, config, state)
-                saved_epoch = state.epoch
+                last_saved_epoch = state.epoch
             for r, row in new_rows.items():
                 append_history(history_paths[r], row)
             tqdm.write(
@@ -1178,7 +1179,7 @@ def train(
                 )
                 break
     state.training_time = time_before + time.perf_counter() - start
-    if state.epoch > saved_epoch:  # the last (finite) epoch, when it was not saved in the loop
+    if state.epoch > last_saved_epoch:  # the last (finite) epoch, when it was not saved in the loop
         for history in state.histories:
             if history and history[-1]["epoch"] == state.epoch:
                 history[-1]["train_state_saved"] = 1
@@ -1212,16 +1213,16 @@ def train(
 # --------------------------------------------------------------------------------------
 
 
-def clustering_scores(channels, labels, train_channels, train_labels) -> dict[str, float]:
+def clustering_scores(channels, labels, training_channels, train_labels) -> dict[str, float]:
     """Clustering accuracy (Hungarian matching of channels to labels), NMI, ARI, and many-to-one
     accuracy (each channel mapped to its majority label on the training split)."""
     from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 
-    num = max(channels.max(), labels.max(), train_channels.max(), train_labels.max()) + 1
+    num = max(channels.max(), labels.max(), training_channels.max(), train_labels.max()) + 1
     contingency = confusion_matrix(channels, labels, labels=np.arange(num))  # [channel, label]
     rows, cols = linear_sum_assignment(contingency, maximize=True)
-    train_counts = confusion_matrix(train_channels, train_labels, labels=np.arange(num))
+    train_counts = confusion_matrix(training_channels, train_labels, labels=np.arange(num))
     majority = np.argmax(train_counts, axis=1)
     return {
         "cluster_accuracy": float(contingency[rows, cols].sum() / len(labels)),
@@ -2541,13 +2542,13 @@ def validate_only(config: Config, data: Dataset, mesh: Mesh, run_dir: Path | Non
         return eqx.filter(model, eqx.is_inexact_array), loss
 
     params, loss = jax.eval_shape(trace, jax.random.key(config.seed))
-    params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     print(
         f"config ok: {data.name}, {len(data.train.images)} training images, "
         f"K={config.num_components}, "
         f"D={config.latent_dim}, c-regularizer {config.c_regularizer}"
     )
-    print(f"model: {params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
+    print(f"model: {num_params:,} parameters; loss traces to {loss.shape} {loss.dtype}")
     print(
         f"seeds {' '.join(map(str, replica_seeds(config)))} ({describe_replicas(config)}); each "
         f"batch sharded over {mesh.size} device(s)"
