@@ -649,7 +649,7 @@ class TrainResult(NamedTuple):
     seed: int
     model: object
     history: list[dict]
-    best_epoch: int
+    best_epoch: int  # counted from 1: history[best_epoch - 1]
     best_k_active: int
     training_time: float
     compile_time: float
@@ -741,6 +741,35 @@ class TrainState:
     def k_active(self, config: Config) -> int:
         """|A|: the channels open now (all of them without a curriculum)."""
         return config.num_components if self.curriculum is None else self.curriculum.k_active
+
+    def track_best(
+        self,
+        config: Config,
+        models,
+        monitored,
+        epoch: int,
+        k_active: int,
+        *,
+        unlocked: bool,
+        kick_active: bool,
+    ) -> np.ndarray:
+        """Early stopping after `epoch` (0-based), per running replica: an unlock changes the
+        objective, so the best value is forgotten; once the anneals are done and outside a kick,
+        a lower monitored validation value [R] keeps that replica of `models` as its best; a
+        replica stops after --patience epochs without one. Returns the replicas that stop now."""
+        if unlocked:
+            self.best_value[:], self.since_best[:] = np.inf, 0
+        elif anneals_done(config, epoch) and not kick_active:
+            improved = self.running & (monitored < self.best_value)
+            self.best_models = select_replicas(jnp.asarray(improved), models, self.best_models)
+            self.best_value[improved], self.best_epoch[improved] = monitored[improved], epoch
+            self.since_best = np.where(improved, 0, self.since_best + 1)
+            self.best_k_active = k_active if improved[0] else self.best_k_active
+        stopping = np.flatnonzero(
+            self.running & (self.since_best >= config.patience) if config.patience else []
+        )
+        self.running[stopping] = False
+        return stopping
 
 
 @eqx.filter_jit
@@ -1002,6 +1031,22 @@ def in_background(work, *args):
     return wait
 
 
+def epoch_line(epochs: int, epoch: int, train_metrics, val_metrics, ran, seconds: float) -> str:
+    """An epoch's console line: the training loss and the validation metrics, each the mean over
+    the replicas that trained this epoch (ran: [R] bool)."""
+
+    def mean(name, rows):
+        return float(np.mean([row[name] for row, on in zip(rows, ran, strict=True) if on]))
+
+    return (
+        f"epoch {epoch + 1:3d}/{epochs}  loss {mean('loss', train_metrics):9.3f}  "
+        f"val_loss {mean('loss', val_metrics):9.3f}  "
+        f"val_neg_elbo {mean('neg_elbo', val_metrics):8.3f}  "
+        f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
+        f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {seconds:6.2f}s"
+    )
+
+
 def train(
     config: Config, data: Dataset, state: TrainState, run_dir: Path
 ) -> tuple[list[TrainResult], Outcome]:
@@ -1034,9 +1079,6 @@ def train(
     steps = num_train // batch_size
     epoch_times, outcome = [], Outcome("finished", "")
     k_active = state.k_active(config)
-
-    def mean(name, rows):  # over the replicas that trained this epoch
-        return float(np.mean([row[name] for row, on in zip(rows, ran, strict=True) if on]))
 
     validation_compiled = in_background(
         compile_program,
@@ -1134,20 +1176,15 @@ def train(
                     "train_state_saved": int(saving),
                 }
                 state.histories[r].append(new_rows[r])
-            if unlocked:  # the objective changes (one more open channel): compare afresh
-                state.best_value[:], state.since_best[:] = np.inf, 0
-            elif anneals_done(config, epoch) and not kick_active:
-                improved = state.running & (monitored < state.best_value)
-                state.best_models = select_replicas(
-                    jnp.asarray(improved), models, state.best_models
-                )
-                state.best_value[improved], state.best_epoch[improved] = monitored[improved], epoch
-                state.since_best = np.where(improved, 0, state.since_best + 1)
-                state.best_k_active = k_active if improved[0] else state.best_k_active
-            stopping = np.flatnonzero(
-                state.running & (state.since_best >= config.patience) if config.patience else []
+            stopping = state.track_best(
+                config,
+                models,
+                monitored,
+                epoch,
+                k_active,
+                unlocked=unlocked,
+                kick_active=kick_active,
             )
-            state.running[stopping] = False
             if saving:
                 state.training_time = time_before + time.perf_counter() - start
                 save_state(run_dir, config, state)
@@ -1155,11 +1192,7 @@ def train(
             for r, row in new_rows.items():
                 append_history(history_paths[r], row)
             tqdm.write(
-                f"epoch {epoch + 1:3d}/{config.epochs}  loss {mean('loss', train_metrics):9.3f}  "
-                f"val_loss {mean('loss', val_metrics):9.3f}  "
-                f"val_neg_elbo {mean('neg_elbo', val_metrics):8.3f}  "
-                f"val_conf {mean('responsibility_confidence', val_metrics):.3f}  "
-                f"val_k_eff {mean('k_eff', val_metrics):5.2f}  {epoch_times[-1]:6.2f}s"
+                epoch_line(config.epochs, epoch, train_metrics, val_metrics, ran, epoch_times[-1])
                 + (f"  (mean of {ran.sum()} replicas)" if len(seeds) > 1 else "")
                 + (f"  k_active {k_active}" if state.curriculum else "")
                 + ("  -> unlock" if unlocked else "")
