@@ -408,16 +408,6 @@ def reconstruction_nll(
     return jnp.sum(0.5 * jnp.square(residual) + jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
 
-def decoded_mean(decoded, num_pixels):
-    """The image each channel predicts, in [0, 1]: sigmoid of the pixel outputs."""
-    return jax.nn.sigmoid(decoded[..., :num_pixels])
-
-
-def usage_stats(usage):
-    """From channel usage p_hat = E_x r: k_eff = exp H(p_hat) and #channels with p_hat_k > 1e-3."""
-    return jnp.exp(entropy(usage)), jnp.sum(usage > 1e-3).astype(usage.dtype)
-
-
 # --------------------------------------------------------------------------------------
 # The objective
 # --------------------------------------------------------------------------------------
@@ -514,6 +504,11 @@ def channel_nll(model: MixVAE, x, decoded):
         sigma_min=model.sigma_min,
         sigma_max=model.sigma_max,
     )
+
+
+def decoded_mean(decoded, num_pixels):
+    """The image each channel predicts, in [0, 1]: sigmoid of the pixel outputs."""
+    return jax.nn.sigmoid(decoded[..., :num_pixels])
 
 
 def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
@@ -625,6 +620,11 @@ def neg_elbo(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective)
     expected_kl_z = terms.kl_z if shared else jnp.sum(r * terms.kl_z, axis=-1)
     kl_c = categorical_kl(r, mixture_weights(model, mask), mask)
     return jnp.mean(jnp.sum(r_decoded * terms.nll, axis=-1) + expected_kl_z + kl_c)
+
+
+def usage_stats(usage):
+    """From channel usage p_hat = E_x r: k_eff = exp H(p_hat) and #channels with p_hat_k > 1e-3."""
+    return jnp.exp(entropy(usage)), jnp.sum(usage > 1e-3).astype(usage.dtype)
 
 
 def aggregate(model: MixVAE, terms: Terms, sched: Schedule, objective: Objective):
