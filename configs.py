@@ -103,7 +103,8 @@ class Config:
     """Directory of the IDX files; unset: $MIXVAE_DATA_DIR/<dataset>, else
     ~/.cache/mixvae/data/<dataset>."""
     num_samples: int | None = None
-    """Train on a stratified subset of this many training images (seeded); unset: all."""
+    """Use a stratified subset of this many training images (seeded), the validation images held
+    out of it; unset: all."""
     val_split: float = 0.1
     """Fraction of the training images held out for validation, in (0, 1)."""
 

@@ -669,7 +669,8 @@ METRICS = {
     "loss_dirichlet": "w_dir (-(alpha - 1) sum_k log pi_k), as added to L",
     "loss_diversity": "w_div H(E_batch r), as added to L (< 0 for w_div < 0)",
     "loss_consistency": "w_cons symmetric KL(r(x), r(warped x)), as added to L",
-    "neg_elbo": "-ELBO with q(c|x) = r (z = mu when evaluating), nats per example",
+    "neg_elbo": "-ELBO with q(c|x) = r (z = mu when evaluating), nats per example: "
+    "E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi), r-weighted where reconstruction_loss weights by s",
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",

@@ -101,8 +101,8 @@ def parse_config(argv: list[str]) -> Config:
         is_rule = set("-─━╰╯ ").issuperset
         start = next((i for i, line in enumerate(lines) if not is_rule(line)), len(lines))
         end = next((i for i in range(start, len(lines)) if is_rule(lines[i])), len(lines))
-        body = lines[start:end]
-        raise ConfigError(" ".join(" ".join(line.split()) for line in body if line)) from None
+        message = " ".join(" ".join(line.split()) for line in lines[start:end] if line)
+        raise ConfigError(message.removeprefix("Error parsing ")) from None
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -1664,7 +1664,7 @@ def image_grid(ax, tiles, side: int, title: str, labels) -> None:
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks((np.arange(rows) + 0.5) * (side + 1) - 1, labels=labels, fontsize=7)
     ax.set_xticks([])
-    ax.set_ylabel("channel")
+    ax.set_ylabel("channel (its test images), in contingency order")
     ax.set_title(title, fontsize=9)
 
 
@@ -2025,7 +2025,7 @@ def what_happened(config: Config, summary: dict) -> str:
             f"{config.patience} epochs)"
         )
     else:
-        ended = f"finished all {done} epochs"
+        ended = f"finished all {done} epochs" if done > 1 else "finished its one epoch"
     if "restarts" in summary:
         restarts = summary["restarts"]
         chosen, scores = restarts["chosen"], restarts[f"val_{config.monitor}"]
@@ -2065,7 +2065,7 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         *[f"**Warning: {warning}.**\n" for warning in summary.get("warnings", [])],
         f"Objective: c-regularizer `{config.c_regularizer}`; "
         f"{summary['training']['epochs_completed']} "
-        f"epochs, best epoch {training['best_epoch']}; training "
+        f"epoch(s), best epoch {training['best_epoch']}; training "
         f"{training['training_time_sec']:.1f} s "
         f"(compile {training['compile_time_sec']:.1f} s).",
         "",
