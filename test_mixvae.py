@@ -605,6 +605,37 @@ def test_evaluate_in_chunks_equals_one_batch():
     np.testing.assert_allclose(encoded, kicked.responsibilities, rtol=1e-6, atol=1e-7)
 
 
+def test_routing_statistics_follow_their_formulas_and_the_epoch_recomputes_k_eff():
+    model = tiny_model()
+    sched = all_active()
+    terms = mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective())
+    _, metrics = mixvae.aggregate(model, terms, sched, mixvae.Objective())
+    r = np.asarray(terms.responsibilities, np.float64)
+    usage = r.mean(0)
+
+    def entropy(p):
+        return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+
+    expected = {
+        "component_diversity": entropy(usage),
+        "k_eff": np.exp(entropy(usage)),
+        "active_components": np.sum(usage > 1e-3),
+        "component_entropy": np.mean(entropy(r)),
+        "responsibility_confidence": np.mean(r.max(-1)),
+        "pi_entropy": np.log(3),
+        "kl_c": np.mean(np.sum(r * np.log(3 * r), -1)),
+        "kl_z": np.mean(np.sum(np.asarray(terms.kl_z, np.float64), -1)),
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+    # an epoch's k_eff and active channels come from its mean usage, not from the batches' values
+    batches = {"usage": jnp.array([[1.0, 0, 0], [0, 1.0, 0]]), "k_eff": jnp.ones(2)}
+    batches["active_components"] = jnp.ones(2)
+    epoch = mixvae.summarize(batches)
+    np.testing.assert_allclose(epoch["usage"], [0.5, 0.5, 0])
+    assert float(epoch["k_eff"]) == pytest.approx(2.0) and float(epoch["active_components"]) == 2
+
+
 def test_metrics_cover_the_design_list():
     _, metrics = mixvae.loss_fn(tiny_model(), TINY_BATCH, None, all_active(), mixvae.Objective())
     assert set(mixvae.METRICS) <= set(metrics)
@@ -916,6 +947,20 @@ def test_clustering_scores_against_hand_computed_values():
     relabelled = np.array([1, 1, 2, 2, 0, 0])
     perfect = train.clustering_scores(relabelled, labels, relabelled, labels)
     assert perfect["cluster_accuracy"] == perfect["nmi"] == perfect["ari"] == pytest.approx(1.0)
+    # NMI: I(c; y) / mean(H(c), H(y)), in float64 from the joint counts
+    joint = np.zeros((3, 3))
+    np.add.at(joint, (channels, labels), 1 / 6)
+    pc, py = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(pc, py)[nonzero]))
+    entropies = [-np.sum(p[p > 0] * np.log(p[p > 0])) for p in (pc, py)]
+    assert scores["nmi"] == pytest.approx(mutual / np.mean(entropies))
+    assert scores["ari"] == pytest.approx(adjusted_rand_index(channels, labels))
+    # many-to-one: each channel's majority label on the training split, not on the test split
+    train_channels, train_labels = np.array([0, 0, 0, 2, 2, 1]), np.array([2, 2, 1, 0, 0, 2])
+    other = train.clustering_scores(channels, labels, train_channels, train_labels)
+    assert other["many_to_one_accuracy"] == pytest.approx(4 / 6)  # 0 -> 2, 1 -> 2, 2 -> 0
+    assert other["cluster_accuracy"] == pytest.approx(5 / 6)
 
 
 def adjusted_rand_index(a, b) -> float:
