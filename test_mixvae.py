@@ -4,6 +4,7 @@ steps, and (further down) the program end to end."""
 import csv
 import ctypes
 import dataclasses
+import gzip
 import inspect
 import json
 import logging
@@ -1258,6 +1259,27 @@ def test_idx_dataset_loads_with_official_test_split_and_stratified_subset(fake_m
     assert np.all(counts == 10)  # stratified
     np.testing.assert_array_equal(subset.test.labels, data.test.labels)
 
+    def written(name, header_size):  # the IDX payload as written, read with gzip and numpy alone
+        return np.frombuffer(
+            gzip.decompress((fake_mnist / name).read_bytes())[header_size:], np.uint8
+        )
+
+    test_images = written("t10k-images-idx3-ubyte.gz", 16).reshape(50, 64)
+    np.testing.assert_array_equal(data.test.images, test_images)  # the official order, row-major
+    np.testing.assert_array_equal(data.test.labels, written("t10k-labels-idx1-ubyte.gz", 8))
+    pairs = zip(
+        written("train-images-idx3-ubyte.gz", 16).reshape(200, 64),
+        written("train-labels-idx1-ubyte.gz", 8),
+        strict=True,
+    )
+    expected = Counter((image.tobytes(), int(label)) for image, label in pairs)
+    loaded = Counter(
+        (image.tobytes(), int(label))
+        for split in (data.train, data.val)
+        for image, label in zip(split.images, split.labels, strict=True)
+    )
+    assert loaded == expected  # every training image with its own label, once
+
 
 @pytest.mark.parametrize(
     "damage,message",
@@ -1327,6 +1349,7 @@ def test_official_mnist_files_load_and_verify():
     np.testing.assert_array_equal(
         np.bincount(data.test.labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     )
+    np.testing.assert_array_equal(data.test.labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
     full = train.load_dataset(
         configs.Config(dataset="mnist", data_dir=str(SHARED_MNIST), val_split=0.5)
     )
