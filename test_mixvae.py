@@ -584,6 +584,24 @@ def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     ).mean()
     np.testing.assert_allclose(metrics["kl_c_logit_mog"], expected, rtol=1e-6)
     assert float(metrics["k_active"]) == 2.0
+    # what channel 1 decodes does not matter while it is closed: its decoder gets no gradient
+    objective = mixvae.Objective(router="gumbel")
+
+    @eqx.filter_jit
+    def loss(m):
+        return mixvae.loss_fn(m, TINY_BATCH, jax.random.key(0), sched, objective)[0]
+
+    decoders = model.decoders
+    assert decoders.embeddings is None  # separate decoders: one stacked network, [K, ...] leaves
+    changed = eqx.tree_at(
+        lambda m: m.decoders.network,
+        model,
+        jax.tree.map(lambda leaf: leaf.at[1].add(1.0), decoders.network),
+    )
+    assert float(loss(changed)) == float(loss(model))
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(model)
+    for leaf in jax.tree.leaves(grads.decoders.network):
+        assert np.all(np.asarray(leaf[1]) == 0) and np.any(np.asarray(leaf[0]) != 0)
 
 
 def test_evaluate_in_chunks_equals_one_batch():
@@ -868,6 +886,11 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         "figures/contingency.png",
     ]:
         assert (out / name).is_file(), name
+    from matplotlib import image as plt_image
+
+    for figure in (out / "figures").iterdir():  # a picture, not an empty canvas
+        pixels = plt_image.imread(figure)
+        assert pixels.ndim == 3 and np.std(pixels[..., :3]) > 0.05, figure.name
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
@@ -910,17 +933,18 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         assert f"| `{name}` |" in decomposition, name
     evaluation = report.split("## Evaluation")[1].split("##")[0]
     assert "`loss_kl_z`" not in evaluation and "`kl_c_scale`" not in evaluation
+    config = train.config_from_json(json.loads((out / "config.json").read_text()))
     restored = eqx.tree_deserialise_leaves(
-        out / "checkpoint.eqx",
-        train.build_model(
-            train.parse_config(
-                ["--hidden-dim", "16", "--latent-dim", "2", "--num-components", "4"]
-            ),
-            64,
-            jax.random.key(1),
-        ),
+        out / "checkpoint.eqx", train.build_model(config, 64, jax.random.key(1))
     )
     assert restored.decoders.network.layers[0].weight.shape[0] == 4
+    best = summary["training"]["best_epoch"]
+    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == best
+    assert float(rows[-1]["val_loss"]) == pytest.approx(summary["training"]["final_val_loss"])
+    # the checkpoint holds the evaluated model: evaluating it again gives the summary's numbers
+    again, *_ = train.evaluation(restored, config, train.load_dataset(config), 4)
+    for name in ("neg_elbo", "cluster_accuracy", "nmi"):
+        assert again[name] == pytest.approx(summary["evaluation"][name], rel=1e-5), name
 
 
 def test_channel_order_is_hungarian_with_empty_channels_left_out():
