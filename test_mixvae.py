@@ -1381,22 +1381,30 @@ def test_official_mnist_files_load_and_verify():
     assert pixels.shape == (60000, 784) and abs(pixels.mean() - 33.3184) < 1e-3
 
 
-def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders_ignore_z():
-    model = tiny_model(conditioning="separate", learnable_pi=True)
-    model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
+def decoders_ignoring_z(model, posterior_bias):
+    """`model` (separate decoders) with a zero first decoder layer, so that x_hat_k does not
+    depend on z, and a posterior head that ignores x: q(z|x) the same Gaussian for every x, its
+    parameters `posterior_bias`; with the nll [B, K] of TINY_BATCH under it, float64."""
     head = model.encoder.posterior_head
     model = eqx.tree_at(
         lambda m: (m.encoder.posterior_head.weight, m.encoder.posterior_head.bias),
         model,
-        (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)),
-    )  # q(z|x) = N(0, I)
+        (jnp.zeros_like(head.weight), posterior_bias),
+    )
     first = model.decoders.network.layers[0].weight
     model = eqx.tree_at(lambda m: m.decoders.network.layers[0].weight, model, jnp.zeros_like(first))
-    sched = all_active()
-    nll = np.asarray(
-        mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="softmax")).nll,
-        float,
+    terms = mixvae.forward(
+        model, TINY_BATCH, None, all_active(), mixvae.Objective(router="softmax")
     )
+    return model, np.asarray(terms.nll, float)
+
+
+def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders_ignore_z():
+    model = tiny_model(conditioning="separate", learnable_pi=True)
+    model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
+    bias = jnp.zeros_like(model.encoder.posterior_head.bias)
+    model, nll = decoders_ignoring_z(model, bias)  # q(z|x) = N(0, I)
+    sched = all_active()
     log_pi = np.log(np.exp([0.5, -1.0, 0.2]) / np.sum(np.exp([0.5, -1.0, 0.2])))
     np.testing.assert_allclose(mixvae.mixture_weights(model), np.exp(log_pi), rtol=1e-6)
     expected = np_logsumexp(log_pi - nll, axis=-1)  # log sum_k pi_k p(x | k), exactly
@@ -1409,20 +1417,9 @@ def test_iw_log_likelihood_weighs_each_sample_by_prior_over_posterior():
     float64, logsumexp_{s,k}[log pi_k - nll_k + log N(z_s; 0, I) - log N(z_s; mu, sigma^2)] - log S
     with z_s = mu + sigma eps_s, eps_s the same draws."""
     model = tiny_model(conditioning="separate")
-    head = model.encoder.posterior_head
-    bias = 0.6 * jax.random.normal(jax.random.key(9), head.bias.shape)
-    model = eqx.tree_at(
-        lambda m: (m.encoder.posterior_head.weight, m.encoder.posterior_head.bias),
-        model,
-        (jnp.zeros_like(head.weight), bias),
-    )  # q(z|x): the same N(mu, sigma^2) for every x, mu != 0, sigma != 1
-    first = model.decoders.network.layers[0].weight
-    model = eqx.tree_at(lambda m: m.decoders.network.layers[0].weight, model, jnp.zeros_like(first))
+    bias = 0.6 * jax.random.normal(jax.random.key(9), model.encoder.posterior_head.bias.shape)
+    model, nll = decoders_ignoring_z(model, bias)  # q(z|x) = N(mu, sigma^2), mu != 0, sigma != 1
     sched = all_active()
-    nll = np.asarray(
-        mixvae.forward(model, TINY_BATCH, None, sched, mixvae.Objective(router="softmax")).nll,
-        float,
-    )  # [B, K], the same for every z
     _, mean, log_var = (np.asarray(v, float) for v in jax.vmap(model.encoder)(TINY_BATCH))
     assert np.abs(mean).max() > 0.1 and np.abs(log_var).max() > 0.1
     key, num_samples = jax.random.key(0), 5
