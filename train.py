@@ -2812,6 +2812,11 @@ def evaluate_and_report(
             result.model, config, data, result.best_k_active
         )
     if config.eval_iw_samples:
+        print(
+            f"test IW-NLL: {config.eval_iw_samples} importance samples for each of the "
+            f"{len(data.test.images)} test images (--eval-iw-samples 0 skips it)",
+            flush=True,
+        )
         with timed(timings, "iw_nll"):
             evaluation_metrics["iw_nll"] = iw_nll(
                 result.model, config, data.test.images, result.best_k_active, iw_key
