@@ -2065,8 +2065,8 @@ def write_report(run_dir: Path, config: Config, summary: dict, figures: dict[str
         *[f"**Warning: {warning}.**\n" for warning in summary.get("warnings", [])],
         f"Objective: c-regularizer `{config.c_regularizer}`; "
         f"{summary['training']['epochs_completed']} "
-        f"epoch(s), best epoch {training['best_epoch']}; training "
-        f"{training['training_time_sec']:.1f} s "
+        f"epoch(s), best epoch {training['best_epoch']}; the epochs took "
+        f"{training['training_time_sec']:.1f} s, summed over any resumptions "
         f"(compile {training['compile_time_sec']:.1f} s).",
         "",
         *(
