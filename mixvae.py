@@ -668,15 +668,15 @@ METRICS = {
     "loss_logit_mog": "a(e) lambda (-log p_mix(y(x))), as added to L",
     "loss_dirichlet": "w_dir (-(alpha - 1) sum_k log pi_k), as added to L",
     "loss_diversity": "w_div H(E_batch r), as added to L (< 0 for w_div < 0)",
-    "loss_consistency": "w_cons symmetric KL(r(x), r(warped x)), as added to L",
+    "loss_consistency": "w_cons symmetric KL(softmax_A y(x), softmax_A y(warped x)), as added to L",
     "neg_elbo": "-ELBO with q(c|x) = r (z = mu when evaluating), nats per example: "
     "E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi), r-weighted where reconstruction_loss weights by s",
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
     "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L (0 while |A| = 1)",
-    "consistency": "symmetric KL between the routing of x and of a randomly warped x, unweighted "
-    "(training)",
+    "consistency": "symmetric KL between the routing of x and of a randomly warped x (softmax_A of "
+    "the raw logits y, without the kick's bias), unweighted (training)",
     "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
     "component_diversity": "H(E_batch r), usage entropy",
     "component_entropy": "E[H(r)], per-example routing entropy",

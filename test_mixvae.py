@@ -27,6 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.special import logsumexp as np_logsumexp
+from scipy.special import softmax as np_softmax
+from scipy.stats import entropy as np_entropy
 from scipy.stats import multivariate_normal
 
 import configs
@@ -331,6 +333,13 @@ def tiny_model(key=0, **kwargs):
     return mixvae.MixVAE(jax.random.key(key, impl="rbg"), **(options | kwargs))
 
 
+PI_LOGITS = np.array([0.5, -1.0, 0.2])  # a learnable pi away from uniform, for tiny_model
+
+
+def with_pi_logits(model):
+    return eqx.tree_at(lambda m: m.pi_logits, model, jnp.asarray(PI_LOGITS, jnp.float32))
+
+
 def all_active(num_components=3, **kwargs):
     return mixvae.Schedule(
         **(
@@ -529,7 +538,7 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
         "kl_c": 0.25 * 3.0 * np.mean(np.sum(r * np.log(r * 3), -1)),
         "logit_mog": 0.25 * np.mean(-reference_log_prior(logits, 7.0, 0.7, np.ones(3, bool))),
         "dirichlet": 0.3 * 3 * np.log(3),  # -(alpha - 1) sum_k log(1/3), pi uniform
-        "diversity": -2.0 * -np.sum(usage * np.log(usage)),
+        "diversity": -2.0 * np_entropy(usage),
         "consistency": 4.0 * np.mean(np.asarray(terms.consistency, np.float64)),
     }
     for name, value in weighted.items():  # each summand as it enters L, and L their sum
@@ -543,8 +552,7 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
 def test_neg_elbo_matches_a_float64_reference(layout, top_m):
     """-ELBO = mean_x [sum_k r_k (nll_k + KL_z,k) + KL(r || pi)] (the shared layout: its one KL_z
     unweighted), with top_m: r restricted to the decoded channels, renormalised, in the nll."""
-    model = tiny_model(latent_layout=layout, learnable_pi=True)
-    model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
+    model = with_pi_logits(tiny_model(latent_layout=layout, learnable_pi=True))
     sched = all_active()
     objective = mixvae.Objective(top_m=top_m)
     key = None if top_m is None else jax.random.key(2)
@@ -553,7 +561,7 @@ def test_neg_elbo_matches_a_float64_reference(layout, top_m):
     r, nll, kl_z = (
         np.asarray(v, np.float64) for v in (terms.responsibilities, terms.nll, terms.kl_z)
     )
-    pi = np.exp([0.5, -1.0, 0.2]) / np.sum(np.exp([0.5, -1.0, 0.2]))
+    pi = np_softmax(PI_LOGITS)
     decoded = np.asarray(terms.decoded_mask)
     if top_m is not None:
         assert np.all(decoded.sum(-1) == 1)
@@ -632,14 +640,11 @@ def test_routing_statistics_follow_their_formulas_and_the_epoch_recomputes_k_eff
     r = np.asarray(terms.responsibilities, np.float64)
     usage = r.mean(0)
 
-    def entropy(p):
-        return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
-
     expected = {
-        "component_diversity": entropy(usage),
-        "k_eff": np.exp(entropy(usage)),
+        "component_diversity": np_entropy(usage),
+        "k_eff": np.exp(np_entropy(usage)),
         "active_components": np.sum(usage > 1e-3),
-        "component_entropy": np.mean(entropy(r)),
+        "component_entropy": np.mean(np_entropy(r, axis=-1)),
         "responsibility_confidence": np.mean(r.max(-1)),
         "pi_entropy": np.log(3),
         "kl_c": np.mean(np.sum(r * np.log(3 * r), -1)),
@@ -1400,12 +1405,11 @@ def decoders_ignoring_z(model, posterior_bias):
 
 
 def test_iw_log_likelihood_is_exact_when_the_posterior_is_the_prior_and_decoders_ignore_z():
-    model = tiny_model(conditioning="separate", learnable_pi=True)
-    model = eqx.tree_at(lambda m: m.pi_logits, model, jnp.array([0.5, -1.0, 0.2]))
+    model = with_pi_logits(tiny_model(conditioning="separate", learnable_pi=True))
     bias = jnp.zeros_like(model.encoder.posterior_head.bias)
     model, nll = decoders_ignoring_z(model, bias)  # q(z|x) = N(0, I)
     sched = all_active()
-    log_pi = np.log(np.exp([0.5, -1.0, 0.2]) / np.sum(np.exp([0.5, -1.0, 0.2])))
+    log_pi = np.log(np_softmax(PI_LOGITS))
     np.testing.assert_allclose(mixvae.mixture_weights(model), np.exp(log_pi), rtol=1e-6)
     expected = np_logsumexp(log_pi - nll, axis=-1)  # log sum_k pi_k p(x | k), exactly
     got = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=7)
