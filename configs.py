@@ -159,6 +159,11 @@ class Config:
     augment_strength: float = OBJECTIVE.augment_strength
     """Scale of that warp (>= 0): at 1, rotation up to 15 degrees, scale 10 %, shear 0.2,
     shift 2 pixels."""
+    consistency_neighbors: int = 0
+    """k > 0: the consistency term warps, instead of x itself, one of x's k nearest training
+    images, drawn anew at each step (Euclidean distance between the images' projections on their
+    first 50 principal axes, computed once per run, no label read), so that the channel is also
+    invariant to what separates an image from its nearest neighbours. 0: x itself."""
     dirichlet_alpha: float | None = OBJECTIVE.dirichlet_alpha
     """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
     dirichlet_weight: float = OBJECTIVE.dirichlet_weight
@@ -279,7 +284,7 @@ HELP_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
         (
             *("c_regularizer", "prior_mean", "prior_sigma", "prior_weight", "kl_c_weight"),
             *("kl_c_anneal_epochs", "beta_z", "diversity_weight", "consistency_weight"),
-            *("augment_strength", "dirichlet_alpha", "dirichlet_weight"),
+            *("augment_strength", "consistency_neighbors", "dirichlet_alpha", "dirichlet_weight"),
         ),
     ),
     "router": (
@@ -540,6 +545,14 @@ def validate(config: Config) -> Config:
         ("beta_z", c.beta_z >= 0, ">= 0"),
         ("consistency_weight", c.consistency_weight >= 0, ">= 0"),
         ("augment_strength", c.augment_strength >= 0, ">= 0"),
+        ("consistency_neighbors", c.consistency_neighbors >= 0, "an integer >= 0"),
+        (
+            "consistency_neighbors",
+            c.consistency_neighbors == 0
+            or c.consistency_weight > 0
+            or any(entry.startswith("consistency-weight=") for entry in c.sweep),
+            "0 while --consistency-weight is 0 (the neighbours are the consistency term's view)",
+        ),
         (
             "top_m",
             c.top_m is None or 1 <= c.top_m <= c.num_components,

@@ -5,7 +5,8 @@ Read top to bottom, as the paper: notation -> encoder -> router -> decoders -> m
 loss terms (each a pure function whose docstring states its formula) -> the objective that
 combines them, every channel decoded -> its schedules (the warm-up a(e), the router
 temperature tau(e), the curriculum's kick) -> the layers inside the networks (MLP and conv)
-and the consistency term's random warp -> the one speed device that changes what is computed
+and the consistency term's second view (a random warp of x or of a neighbour of x) -> the one
+speed device that changes what is computed
 (--top-m: decode each example's top-M channels only) -> the compiled train/eval steps.
 
 Notation: x in [0,1]^P, K channels, latent size D, active set A (a boolean mask
@@ -477,8 +478,8 @@ class Terms(NamedTuple):
     nll: jax.Array  # -log p(x | z_k), [B, K]; 0 where not decoded
     decoded_mask: jax.Array  # [B, K] bool: channels whose nll was computed (all, unless top_m)
     kl_z: jax.Array  # KL(q(z_k|x) || N(0, I)), [B, K] (decentralized) or [B] (shared)
-    # symmetric KL between softmax over A of y(x) and of y(augment(x)) (no kick bias), [B];
-    # zeros without w_cons or noise
+    # symmetric KL between softmax over A of y(x) and of y(augment(v)) (v: x or a neighbour of x;
+    # no kick bias), [B]; zeros without w_cons or noise
     consistency: jax.Array
 
 
@@ -511,11 +512,12 @@ def decoded_mean(decoded, num_pixels):
     return jax.nn.sigmoid(decoded[..., :num_pixels])
 
 
-def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Terms:
+def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective, view=None) -> Terms:
     """Encode, route (on y + the schedule's logit bias), sample z_k = mu_k + sigma_k eps (mu_k when
     key is None), decode every channel (in training with top_m: each example's top-M channels by
     routing score, their weights s renormalised over them); with w_cons > 0 and a key, also encode
-    a randomly warped copy of x for the routing-consistency term."""
+    a randomly warped copy of `view` [B, P] (x itself when None; a neighbour of each image with
+    --consistency-neighbors) for the routing-consistency term."""
     chex.assert_rank(x, 2)
     logits, mean, log_var = jax.vmap(model.encoder)(x)
     route_key, noise_key = (None, None) if key is None else jax.random.split(key)
@@ -542,7 +544,9 @@ def forward(model: MixVAE, x, key, sched: Schedule, objective: Objective) -> Ter
     consistency = jnp.zeros(x.shape[0])
     if switched_on(objective.consistency_weight) and key is not None:
         augmented_logits, _, _ = jax.vmap(model.encoder)(
-            augment(x, jax.random.fold_in(key, 1), objective.augment_strength)
+            augment(
+                x if view is None else view, jax.random.fold_in(key, 1), objective.augment_strength
+            )
         )
         consistency = symmetric_kl(logits, augmented_logits, sched.active_mask)
     return Terms(
@@ -565,7 +569,8 @@ def loss_terms(model: MixVAE, terms: Terms, sched: Schedule, objective: Objectiv
     logit_mog       a lambda (-log p_mix(y(x)))               (logit_mog, both; else 0)
     dirichlet       w_dir (-(alpha - 1) sum_k log pi_k)       (alpha set; else 0)
     diversity       w_div H(mean_batch r)
-    consistency     w_cons (KL(r || r_aug) + KL(r_aug || r)) / 2   (r_aug: routing of a warped x)
+    consistency     w_cons (KL(r || r_aug) + KL(r_aug || r)) / 2   (r_aug: routing of a warped v,
+                    v = x, or with --consistency-neighbors one of x's nearest training images)
 
     KL_z sums over the active channels (decentralized) or is the one shared KL. The logit-MoG
     term is scaled by the schedule's prior_scale, and is zero while |A| = 1: with one open
@@ -668,15 +673,17 @@ METRICS = {
     "loss_logit_mog": "a(e) lambda (-log p_mix(y(x))), as added to L",
     "loss_dirichlet": "w_dir (-(alpha - 1) sum_k log pi_k), as added to L",
     "loss_diversity": "w_div H(E_batch r), as added to L (< 0 for w_div < 0)",
-    "loss_consistency": "w_cons symmetric KL(softmax_A y(x), softmax_A y(warped x)), as added to L",
+    "loss_consistency": "w_cons symmetric KL(softmax_A y(x), softmax_A y(warped v)), v = x or a "
+    "neighbour of x, as added to L",
     "neg_elbo": "-ELBO with q(c|x) = r (z = mu when evaluating), nats per example: "
     "E_r[-log p(x|z_c) + KL_z,c] + KL(r || pi), r-weighted where reconstruction_loss weights by s",
     "reconstruction_loss": "sum_k s_k (-log p(x | x_hat_k)), routing-weighted",
     "kl_z": "KL(q(z|x) || N(0, I)), summed over active channels",
     "kl_c": "KL(r || pi), unweighted",
     "kl_c_logit_mog": "a(e) * lambda * (-log p_mix(y(x))), exactly as added to L (0 while |A| = 1)",
-    "consistency": "symmetric KL between the routing of x and of a randomly warped x (softmax_A of "
-    "the raw logits y, without the kick's bias), unweighted (training)",
+    "consistency": "symmetric KL between the routing of x and of a randomly warped v, v = x or a "
+    "neighbour of x (softmax_A of the raw logits y, without the kick's bias), unweighted "
+    "(training)",
     "dirichlet_penalty": "w_dir * (-(alpha - 1) sum_k log pi_k), as added to L",
     "component_diversity": "H(E_batch r), usage entropy",
     "component_entropy": "E[H(r)], per-example routing entropy",
@@ -690,9 +697,9 @@ METRICS = {
 }
 
 
-def loss_fn(model: MixVAE, x, key, sched: Schedule, objective: Objective):
-    """(L, metrics) on one batch x: [B, P]; key=None evaluates without noise."""
-    return aggregate(model, forward(model, x, key, sched, objective), sched, objective)
+def loss_fn(model: MixVAE, x, key, sched: Schedule, objective: Objective, view=None):
+    """(L, metrics) on one batch x: [B, P]; key=None evaluates without noise; `view`: forward's."""
+    return aggregate(model, forward(model, x, key, sched, objective, view), sched, objective)
 
 
 def summarize(stacked_metrics):
@@ -941,7 +948,7 @@ class ConvDecoder(eqx.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Augmentation: the random warp x~ of the consistency term
+# The consistency term's second view: a random warp of x, or of one of x's neighbours
 # --------------------------------------------------------------------------------------
 
 
@@ -974,6 +981,35 @@ def augment(x, key, strength=1.0):
         return warped.reshape(-1)
 
     return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_dims", "chunk_size"))
+def nearest_neighbors(images, k, num_dims=50, chunk_size=1024):
+    """The k nearest other images of each image of `images` [N, P] -> indices [N, k], nearest
+    first: Euclidean distance between the projections u_i = V^T (x_i - mean x) on the top
+    min(num_dims, P) principal axes V (eigenvectors of sum_i (x_i - mean x)(x_i - mean x)^T).
+    ||u_i - u_j||^2 = ||u_i||^2 - 2 u_i . u_j + ||u_j||^2, ranked per row without the constant
+    ||u_i||^2; an image is never its own neighbour. No label is read."""
+    x = to_unit_interval(images)
+    centred = x - jnp.mean(x, axis=0)
+    _, axes = jnp.linalg.eigh(centred.T @ centred)  # eigenvalues ascending
+    projected = centred @ axes[:, -min(num_dims, x.shape[1]) :]  # [N, d]
+    squared_norms = jnp.sum(projected**2, axis=-1)
+
+    def chunk_neighbors(rows, start):
+        distances = squared_norms - 2.0 * rows @ projected.T  # [C, N], up to ||u_i||^2
+        itself = start + jnp.arange(rows.shape[0])
+        distances = distances.at[jnp.arange(rows.shape[0]), itself].set(jnp.inf, mode="drop")
+        return jax.lax.top_k(-distances, k)[1]
+
+    return map_in_chunks(chunk_neighbors, projected, chunk_size)
+
+
+def neighbor_views(neighbors, indices, key):
+    """For each image index i of a batch [B], one of its k neighbours neighbors[i] [k], drawn
+    uniformly: the images whose warps are the consistency term's second view. -> [B]."""
+    column = jax.random.randint(key, indices.shape, 0, neighbors.shape[1])
+    return neighbors[indices, column]
 
 
 # --------------------------------------------------------------------------------------
@@ -1084,11 +1120,11 @@ def to_unit_interval(images):
 
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
-def train_step(model, opt_state, x, key, sched, objective, optimizer):
-    """One gradient step on batch x: returns (model, opt_state, metrics + the gradient's global norm
-    before clipping, grad_norm)."""
+def train_step(model, opt_state, x, key, sched, objective, optimizer, view=None):
+    """One gradient step on batch x (`view`: forward's): returns (model, opt_state, metrics + the
+    gradient's global norm before clipping, grad_norm)."""
     (_, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
-        model, x, key, sched, objective
+        model, x, key, sched, objective, view
     )
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -1101,9 +1137,12 @@ def train_step(model, opt_state, x, key, sched, objective, optimizer):
 
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
-def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, optimizer):
+def train_epoch(
+    model, opt_state, images, batch_indices, key, sched, objective, optimizer, neighbors=None
+):
     """A whole epoch as one compiled call: lax.scan of train_step over the pre-shuffled
-    batch indices [S, B] into the device-resident `images` [N, P].
+    batch indices [S, B] into the device-resident `images` [N, P]. With `neighbors` [N, k]
+    (nearest_neighbors), the consistency term warps a random neighbour of each image.
     Returns (model, opt_state, per-step metrics stacked on axis 0)."""
     params, static = eqx.partition(model, eqx.is_array)
 
@@ -1111,8 +1150,12 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
         params, opt_state = carry
         indices, step_key = inputs
         x = to_unit_interval(images[indices])
+        view = None
+        if neighbors is not None:
+            view_indices = neighbor_views(neighbors, indices, jax.random.fold_in(step_key, 2))
+            view = to_unit_interval(images[view_indices])
         model, opt_state, metrics = train_step(
-            eqx.combine(params, static), opt_state, x, step_key, sched, objective, optimizer
+            eqx.combine(params, static), opt_state, x, step_key, sched, objective, optimizer, view
         )
         return (eqx.filter(model, eqx.is_array), opt_state), metrics
 
@@ -1125,15 +1168,18 @@ def train_epoch(model, opt_state, images, batch_indices, key, sched, objective, 
 
 @eqx.filter_jit
 @eqx.debug.assert_max_traces(max_traces=None)
-def train_replicas(models, opt_states, images, batch_indices, keys, sched, objective, optimizer):
+def train_replicas(
+    models, opt_states, images, batch_indices, keys, sched, objective, optimizer, neighbors=None
+):
     """train_epoch of R independent replicas (seeds, restarts, a sweep's points) as one compiled
     call, over the stacked models and optimizer states, their batch orders [R, S, B], keys [R] and
     the objective's array hyperparameters [R] (a sweep's; its Python floats are shared, as are the
-    images and schedule). Under a data-sharded batch_indices XLA runs it SPMD."""
+    images, the neighbour table and schedule). Under a data-sharded batch_indices XLA runs it
+    SPMD."""
 
     def epoch(model, opt_state, replica_batches, key, objective):
         return train_epoch(
-            model, opt_state, images, replica_batches, key, sched, objective, optimizer
+            model, opt_state, images, replica_batches, key, sched, objective, optimizer, neighbors
         )
 
     return over_replicas(epoch, models, opt_states, batch_indices, keys, objective)

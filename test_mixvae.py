@@ -809,6 +809,15 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
         (["--sweep", "prior-mean=3,5", "--prior-mean", "4"], "--prior-mean is not allowed with"),
         (["--sweep", "prior-mean=3,5", "--curriculum"], "--sweep is not allowed with --curric"),
         (["--restarts", "2", "--restart-choice", "agreement"], "'agreement' .* two or more --se"),
+        (["--consistency-neighbors", "-1"], "--consistency-neighbors=-1 .* integer >= 0"),
+        (
+            ["--consistency-neighbors", "3"],
+            "--consistency-neighbors=3 .* --consistency-weight is 0",
+        ),
+        (
+            ["--consistency-weight", "1", "--consistency-neighbors", "100000"],
+            "--consistency-neighbors=100000 .* fewer than the 1293 training images",
+        ),
     ],
 )
 def test_bad_values_are_one_line_naming_the_flag_typed_and_write_nothing(
@@ -854,8 +863,16 @@ def test_validation_and_evaluation_compile_ahead_once_each(tmp_path, caplog):
     assert compiled["evaluate_iw"] == 1
 
 
-def test_a_short_run_writes_every_artifact(tmp_path):
+def test_a_short_run_writes_every_artifact(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    tables = []  # the neighbour table each epoch trains with
+
+    def recording(*args, **kwargs):
+        tables.append(np.asarray(args[8]))
+        return train_replicas(*args, **kwargs)
+
+    train_replicas = mixvae.train_replicas
+    monkeypatch.setattr(mixvae, "train_replicas", recording)
     assert (
         train.main(
             [
@@ -871,6 +888,10 @@ def test_a_short_run_writes_every_artifact(tmp_path):
                 "4",
                 "--c-regularizer",
                 "both",
+                "--consistency-weight",
+                "1",
+                "--consistency-neighbors",
+                "3",
             ]
         )
         == 0
@@ -910,7 +931,10 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         2,
     )
     assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
-    phases = ["imports", "data", "initialisation", "training", "compile", "test_evaluation"]
+    assert len(tables) == 2 and tables[0].shape == (1293, 3)  # digits' training split, k = 3
+    np.testing.assert_array_equal(tables[0], tables[1])
+    phases = ["imports", "data", "initialisation", "neighbours", "training", "compile"]
+    phases += ["test_evaluation"]
     assert set(phases + ["figures"]) <= set(summary["timing_sec"])
     assert all(seconds >= 0 for seconds in summary["timing_sec"].values())
     assert summary["timing_sec"]["compile"] <= summary["timing_sec"]["training"]
@@ -2294,6 +2318,61 @@ def test_augment_is_identity_at_strength_zero_and_a_bounded_warp_otherwise():
         mixvae.augment(jnp.asarray(square.reshape(1, -1)), jax.random.key(2), 1.0)
     ).sum()
     assert 0.7 * 64 < mass < 1.3 * 64
+
+
+@pytest.mark.parametrize("num_images,num_dims,dtype", [(300, 10, np.float32), (200, 100, np.uint8)])
+def test_nearest_neighbors_match_sklearn_on_the_principal_components(num_images, num_dims, dtype):
+    """Against float64 PCA and brute-force neighbours; chunks of 128 cut the self-exclusion
+    across chunks and a zero-padded last chunk; num_dims > P keeps every axis."""
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(4)
+    images = rng.uniform(size=(num_images, 64))
+    if dtype == np.uint8:
+        images = np.round(images * 255).astype(np.uint8)
+    table = np.asarray(
+        mixvae.nearest_neighbors(jnp.asarray(images), 4, num_dims=num_dims, chunk_size=128)
+    )
+    unit = images / 255.0 if dtype == np.uint8 else images
+    projected = PCA(min(num_dims, 64), svd_solver="full").fit_transform(unit.astype(np.float64))
+    _, reference = NearestNeighbors(n_neighbors=5).fit(projected).kneighbors(projected)
+    assert table.shape == (num_images, 4) and table.dtype == np.int32
+    np.testing.assert_array_equal(table, reference[:, 1:])  # column 0: the image itself
+
+
+def test_neighbor_views_draw_each_rows_neighbours_uniformly():
+    neighbors = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
+    indices = jnp.array([0, 1] * 20_000)
+    views = np.asarray(mixvae.neighbor_views(neighbors, indices, jax.random.key(3)))
+    for row in (0, 1):
+        drawn = views[np.asarray(indices) == row]
+        counts = np.bincount(drawn, minlength=9)[np.asarray(neighbors[row])]
+        assert counts.sum() == len(drawn)  # only the row's own neighbours
+        np.testing.assert_allclose(counts / len(drawn), 0.25, atol=0.015)
+
+
+def test_an_epoch_warps_the_drawn_neighbours():
+    """With every image its own neighbour the epoch is the plain one, bit for bit; with other
+    neighbours the consistency term differs, and nothing else in the first step."""
+    model = tiny_model()
+    objective = mixvae.Objective(consistency_weight=2.0)
+    optimizer = mixvae.make_optimizer(1e-3)
+    opt_state = mixvae.init_optimizer(optimizer, model)
+    batches, sched, key = jnp.arange(16).reshape(2, 8), all_active(), jax.random.key(1)
+
+    def epoch(neighbors):
+        return mixvae.train_epoch(
+            model, opt_state, TINY_BATCH, batches, key, sched, objective, optimizer, neighbors
+        )
+
+    plain = epoch(None)
+    itself = epoch(jnp.repeat(jnp.arange(16)[:, None], 3, axis=1))
+    others = epoch((jnp.arange(16)[:, None] + jnp.arange(1, 4)) % 16)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(itself), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(plain[2]["loss_reconstruction"][0] == others[2]["loss_reconstruction"][0])
+    assert np.all(plain[2]["consistency"] != others[2]["consistency"])
 
 
 def test_consistency_term_enters_the_loss_only_when_weighted_and_in_training():

@@ -321,6 +321,11 @@ def load_dataset(config: Config) -> Dataset:
             f"--batch-size={config.batch_size} is not allowed: must be at most the "
             f"{len(data.train.images)} training images of {data.name}"
         )
+    if config.consistency_neighbors >= len(data.train.images):
+        raise ConfigError(
+            f"--consistency-neighbors={config.consistency_neighbors} is not allowed: must be "
+            f"fewer than the {len(data.train.images)} training images of {data.name}"
+        )
     return data
 
 
@@ -1048,10 +1053,11 @@ def epoch_line(epochs: int, epoch: int, train_metrics, val_metrics, ran, seconds
 
 
 def train(
-    config: Config, data: Dataset, state: TrainState, run_dir: Path
+    config: Config, data: Dataset, state: TrainState, run_dir: Path, neighbors=None
 ) -> tuple[list[TrainResult], Outcome]:
     """Train the stacked replicas of `state` from its epoch to --epochs, one compiled call per
-    epoch, each batch sharded over the data mesh; per replica, early stopping on the monitored
+    epoch, each batch sharded over the data mesh (`neighbors`: the training images' neighbour
+    table of --consistency-neighbors, or None); per replica, early stopping on the monitored
     validation metric with its best model kept; the curriculum, when on, opens channels between
     epochs. Each replica's history.csv gains its row as each epoch ends. Saves the state every
     --checkpoint-every epochs and, when training stops (end, early stop, signal, or a metric
@@ -1074,6 +1080,7 @@ def train(
     )
     state.keys = jax.random.wrap_key_data(put(jax.random.key_data(state.keys), replicated))
     train_images = jax.device_put(data.train.images, replicated)
+    neighbors = None if neighbors is None else jax.device_put(neighbors, replicated)
     val_images = jax.device_put(data.val.images, replicated)
     num_train, batch_size = len(data.train.images), config.batch_size
     steps = num_train // batch_size
@@ -1121,6 +1128,7 @@ def train(
                 sched,
                 objective,
                 optimizer,
+                neighbors,
             )
             epoch_metrics = jax.device_get(summarize_replicas(step_metrics))  # [R, ...] on the host
             train_metrics = replica_floats(epoch_metrics)
@@ -2705,9 +2713,15 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     evaluation_compiled = in_background(compile_evaluation, placed, config, data)
     if config.figures:
         in_background(pyplot)  # matplotlib loads while the training runs
+    neighbors = None
+    if config.consistency_neighbors:  # each process computes it from the same training images
+        with timed(timings, "neighbours"):
+            neighbors = jax.block_until_ready(
+                mixvae.nearest_neighbors(data.train.images, config.consistency_neighbors)
+            )
     try:
         with timed(timings, "training"):
-            results, outcome = train(config, data, state, run_dir)
+            results, outcome = train(config, data, state, run_dir, neighbors)
         timings["compile"] = results[0].compile_time  # included in training
         evaluation_compiled()
     finally:
