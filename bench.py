@@ -292,20 +292,25 @@ def sweep_wall_times(seeds: int = 3, epochs: int = 40) -> dict:
 
 
 # The results tables: table -> row name -> train.py flags. digits and mnist: each
-# c-regularizer with and without the routing consistency, and K = 1 (the same networks as a
-# plain VAE); mnist-capacity: the mnist preset at wider latents and decoders, clustering against
-# likelihood (README, Likelihood against clustering), and K = 1 at the widest. Each table's base
-# flags come first.
+# c-regularizer with and without the routing consistency (of x's own warps), logit_mog with the
+# consistency over warps of x's neighbours, and K = 1 (the same networks as a plain VAE);
+# mnist-capacity: the mnist preset at wider latents and decoders, clustering against likelihood
+# (README, Likelihood against clustering), and K = 1 at the widest. Each table's base flags come
+# first.
 RESULT_BASE = {
     "digits": [],
     "mnist": ["--preset", "mnist"],
-    "mnist-capacity": ["--preset", "mnist"],
+    "mnist-capacity": ["--preset", "mnist", "--consistency-neighbors", "0"],  # as the table ran
 }
-CONSISTENCY = {  # routing consistency on, per dataset (the mnist preset has it on already)
+CONSISTENCY = {  # routing consistency on x's own warps, per dataset (the mnist preset has it on)
     "digits": ["--consistency-weight", "40", "--augment-strength", "0.15", "--epochs", "300"],
+    "mnist": ["--consistency-neighbors", "0"],
+}
+NO_CONSISTENCY = ["--consistency-weight", "0", "--consistency-neighbors", "0"]
+NEIGHBOURS = {  # the logit_mog row whose consistency warps a neighbour of x (the mnist preset)
+    "digits": [*CONSISTENCY["digits"], "--consistency-neighbors", "5"],
     "mnist": [],
 }
-NO_CONSISTENCY = ["--consistency-weight", "0"]
 CAPACITIES = ((4, 128), (8, 128), (16, 128), (16, 256), (16, 400))  # (D, width); the preset's first
 RESULT_METRICS = ("cluster_accuracy", "nmi", "ari", "responsibility_confidence", "iw_nll")
 
@@ -318,12 +323,20 @@ def result_rows(table: str) -> dict[str, list[str]]:
             for dim, width in CAPACITIES
         }
         widest = list(rows)[-1]
-        rows[f"{widest}, K = 1"] = [*rows[widest], "--num-components", "1", *NO_CONSISTENCY]
+        rows[f"{widest}, K = 1"] = [
+            *rows[widest],
+            "--num-components",
+            "1",
+            "--consistency-weight",
+            "0",
+        ]
     else:
         rows, switched = {}, (("", NO_CONSISTENCY), (" + consistency", CONSISTENCY[table]))
         for regularizer in ("logit_mog", "categorical", "both"):
             for consistency, flags in switched:
                 rows[regularizer + consistency] = ["--c-regularizer", regularizer, *flags]
+        neighbours = ["--c-regularizer", "logit_mog", *NEIGHBOURS[table]]
+        rows["logit_mog + consistency over neighbours"] = neighbours
         rows["K = 1 (plain VAE)"] = ["--num-components", "1", *NO_CONSISTENCY]
     return {name: [*RESULT_BASE[table], *flags] for name, flags in rows.items()}
 

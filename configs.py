@@ -42,7 +42,8 @@ class Config:
     image's 5 nearest training images, for up to 300 epochs, with prior sigma 1, chosen without
     labels by the validation -ELBO of three sweeps and the seed agreement (README).
     mnist: full MNIST, 25 epochs (5-epoch anneals, one shared z and a FiLM-conditioned decoder,
-    routing consistency under random warps with weight 20)."""
+    routing consistency with weight 20 under random warps of one of each image's 10 nearest
+    training images)."""
     seed: int = 0
     """Seed of the initialisation, the shuffling and the noise (and of the data split, unless
     --split-seed is given)."""
@@ -162,9 +163,9 @@ class Config:
     shift 2 pixels."""
     consistency_neighbors: int = 0
     """k > 0: the consistency term warps, instead of x itself, one of x's k nearest training
-    images, drawn anew at each step (Euclidean distance between the images' projections on their
-    first 50 principal axes, computed once per run, no label read), so that the channel is also
-    invariant to what separates an image from its nearest neighbours. 0: x itself."""
+    images, drawn anew at each step (Euclidean distance between the deskewed images' projections
+    on their first 50 principal axes, computed once per run, no label read), so that the channel
+    is also invariant to what separates an image from its nearest neighbours. 0: x itself."""
     dirichlet_alpha: float | None = OBJECTIVE.dirichlet_alpha
     """Dirichlet concentration alpha of the MAP penalty on pi (> 0); unset: no penalty."""
     dirichlet_weight: float = OBJECTIVE.dirichlet_weight
@@ -410,6 +411,7 @@ PRESETS: dict[str, Config] = {
         latent_layout="shared",
         decoder_conditioning="film",
         consistency_weight=20.0,
+        consistency_neighbors=10,
         epochs=25,
         kl_c_anneal_epochs=5,
         gumbel_temperature_anneal_epochs=5,

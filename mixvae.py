@@ -983,13 +983,43 @@ def augment(x, key, strength=1.0):
     return jax.vmap(warp)(x, jax.random.split(key, x.shape[0]))
 
 
+@jax.jit
+def deskew(images):
+    """Each square image of `images` [N, P] sheared upright and centred, in [0, 1]: with intensities
+    I(r, c), m = sum I, centroid (r_bar, c_bar) and slant alpha = sum I (r - r_bar)(c - c_bar) /
+    sum I (r - r_bar)^2 (m and the denominator + 1e-6: a blank image stays blank),
+
+        J(r, c) = I(r_bar + r - o, c_bar + c - o + alpha (r - o)),   o = (side - 1) / 2,
+
+    bilinear, zero outside: J's centroid is the centre o and its row-column covariance 0 (up to the
+    resampling)."""
+    side = image_side(images.shape[-1])
+    centre = (side - 1) / 2.0
+    rows, cols = jnp.meshgrid(
+        jnp.arange(side, dtype=jnp.float32), jnp.arange(side, dtype=jnp.float32), indexing="ij"
+    )
+
+    def upright(image):
+        image = image.reshape(side, side)
+        mass = jnp.sum(image) + 1e-6
+        row_mean, col_mean = jnp.sum(image * rows) / mass, jnp.sum(image * cols) / mass
+        row_var = jnp.sum(image * (rows - row_mean) ** 2) / mass + 1e-6
+        slant = jnp.sum(image * (rows - row_mean) * (cols - col_mean)) / mass / row_var
+        coords = [row_mean + rows - centre, col_mean + cols - centre + slant * (rows - centre)]
+        warped = jax.scipy.ndimage.map_coordinates(image, coords, order=1, mode="constant")
+        return warped.reshape(-1)
+
+    return jax.lax.map(upright, to_unit_interval(images), batch_size=1024)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_dims", "chunk_size"))
 def nearest_neighbors(images, k, num_dims=50, chunk_size=1024):
     """The k nearest other images of each image of `images` [N, P] -> indices [N, k], nearest
     first: Euclidean distance between the projections u_i = V^T (x_i - mean x) on the top
     min(num_dims, P) principal axes V (eigenvectors of sum_i (x_i - mean x)(x_i - mean x)^T).
     ||u_i - u_j||^2 = ||u_i||^2 - 2 u_i . u_j + ||u_j||^2, ranked per row without the constant
-    ||u_i||^2; an image is never its own neighbour. No label is read."""
+    ||u_i||^2; an image is never its own neighbour. No label is read. The consistency term's
+    neighbours are those of deskew(images), so that slant does not make them."""
     x = to_unit_interval(images)
     centred = x - jnp.mean(x, axis=0)
     _, axes = jnp.linalg.eigh(centred.T @ centred)  # eigenvalues ascending

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from scipy import ndimage as scipy_ndimage
 from scipy.special import logsumexp as np_logsumexp
 from scipy.special import softmax as np_softmax
 from scipy.stats import entropy as np_entropy
@@ -931,8 +932,11 @@ def test_a_short_run_writes_every_artifact(tmp_path, monkeypatch):
         2,
     )
     assert {"training_time_sec", "compile_time_sec"} <= set(summary["training"])
-    assert len(tables) == 2 and tables[0].shape == (1293, 3)  # digits' training split, k = 3
-    np.testing.assert_array_equal(tables[0], tables[1])
+    images = train.load_dataset(configs.Config()).train.images  # the run's training split
+    expected = mixvae.nearest_neighbors(mixvae.deskew(images), 3)  # of the deskewed images
+    assert len(tables) == 2 and tables[0].shape == (1293, 3)
+    np.testing.assert_array_equal(tables[0], expected)
+    np.testing.assert_array_equal(tables[1], expected)
     phases = ["imports", "data", "initialisation", "neighbours", "training", "compile"]
     phases += ["test_evaluation"]
     assert set(phases + ["figures"]) <= set(summary["timing_sec"])
@@ -1246,8 +1250,12 @@ def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
     assert json.loads((tmp_path / "results-toy.json").read_text()) == result
     assert (tmp_path / "results-toy.png").stat().st_size > 10_000
     # the capacity table: the mnist preset first, then wider, then K = 1 at the widest
+    mnist = {name: train.parse_config(flags) for name, flags in bench.result_rows("mnist").items()}
+    assert mnist["logit_mog + consistency over neighbours"] == configs.PRESETS["mnist"]
+    assert mnist["logit_mog + consistency"].consistency_neighbors == 0
+    assert mnist["logit_mog"].consistency_weight == mnist["logit_mog"].consistency_neighbors == 0
     runs = [train.parse_config(flags) for flags in bench.result_rows("mnist-capacity").values()]
-    assert runs[0] == configs.PRESETS["mnist"]
+    assert runs[0] == dataclasses.replace(configs.PRESETS["mnist"], consistency_neighbors=0)
     assert [(run.latent_dim, run.hidden_dim) for run in runs[:-1]] == list(bench.CAPACITIES)
     plain = dataclasses.replace(runs[-2], num_components=1, consistency_weight=0.0)
     assert runs[-1] == plain
@@ -2339,6 +2347,42 @@ def test_nearest_neighbors_match_sklearn_on_the_principal_components(num_images,
     _, reference = NearestNeighbors(n_neighbors=5).fit(projected).kneighbors(projected)
     assert table.shape == (num_images, 4) and table.dtype == np.int32
     np.testing.assert_array_equal(table, reference[:, 1:])  # column 0: the image itself
+
+
+def slanted_bar(side=28, slant=0.4, shift=(2.0, -3.0)):
+    """A bar whose columns drift by `slant` per row, off the centre by `shift` (rows, columns)."""
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float64)
+    centre = (side - 1) / 2
+    drift = centre + shift[1] + slant * (rows - centre - shift[0])
+    image = np.clip(1.5 - np.abs(cols - drift), 0, 1) * (np.abs(rows - centre - shift[0]) < 9)
+    return image.reshape(-1)
+
+
+def test_deskew_matches_scipy_and_leaves_images_upright_and_centred():
+    rng = np.random.default_rng(5)
+    images = np.stack([slanted_bar(), slanted_bar(slant=-0.3), rng.uniform(size=784) ** 4])
+    images = np.round(images * 255).astype(np.uint8)
+    value = np.asarray(mixvae.deskew(jnp.asarray(images)))
+    side, centre = 28, 13.5
+    rows, cols = np.mgrid[0:side, 0:side].astype(np.float64)
+    for image, deskewed in zip(images / 255.0, value, strict=True):
+        grid = image.reshape(side, side)
+        mass = grid.sum() + 1e-6
+        row_mean, col_mean = (grid * rows).sum() / mass, (grid * cols).sum() / mass
+        row_var = (grid * (rows - row_mean) ** 2).sum() / mass + 1e-6
+        slant = (grid * (rows - row_mean) * (cols - col_mean)).sum() / mass / row_var
+        coords = [row_mean + rows - centre, col_mean + cols - centre + slant * (rows - centre)]
+        reference = scipy_ndimage.map_coordinates(grid, coords, order=1, mode="grid-constant")
+        np.testing.assert_allclose(deskewed, reference.reshape(-1), atol=1e-4)
+    for deskewed in value[:2]:  # the bars: upright and centred, up to the resampling
+        grid = deskewed.reshape(side, side)
+        mass = grid.sum()
+        row_mean, col_mean = (grid * rows).sum() / mass, (grid * cols).sum() / mass
+        covariance = (grid * (rows - row_mean) * (cols - col_mean)).sum() / mass
+        assert abs(row_mean - centre) < 0.2 and abs(col_mean - centre) < 0.2
+        assert abs(covariance) < 0.02 * (grid * (rows - row_mean) ** 2).sum() / mass
+    blank = np.asarray(mixvae.deskew(jnp.zeros((1, 64), jnp.uint8)))
+    assert np.all(blank == 0)
 
 
 def test_neighbor_views_draw_each_rows_neighbours_uniformly():

@@ -2717,7 +2717,9 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     if config.consistency_neighbors:  # each process computes it from the same training images
         with timed(timings, "neighbours"):
             neighbors = jax.block_until_ready(
-                mixvae.nearest_neighbors(data.train.images, config.consistency_neighbors)
+                mixvae.nearest_neighbors(
+                    mixvae.deskew(data.train.images), config.consistency_neighbors
+                )
             )
     try:
         with timed(timings, "training"):
