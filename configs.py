@@ -550,11 +550,9 @@ def validate(config: Config) -> Config:
         ("consistency_weight", c.consistency_weight >= 0, ">= 0"),
         ("augment_strength", c.augment_strength >= 0, ">= 0"),
         ("consistency_neighbors", c.consistency_neighbors >= 0, "an integer >= 0"),
-        (
+        (  # with --sweep, sweep_grid checks each point, whose weight may be swept
             "consistency_neighbors",
-            c.consistency_neighbors == 0
-            or c.consistency_weight > 0
-            or any(entry.startswith("consistency-weight=") for entry in c.sweep),
+            c.consistency_neighbors == 0 or c.consistency_weight > 0 or bool(c.sweep),
             "0 while --consistency-weight is 0 (the neighbours are the consistency term's view)",
         ),
         (

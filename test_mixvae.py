@@ -816,6 +816,10 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
             "--consistency-neighbors=3 .* --consistency-weight is 0",
         ),
         (
+            ["--consistency-neighbors", "3", "--sweep", "prior-mean=5,7"],
+            "point prior-mean5: --consistency-neighbors=3 .* --consistency-weight is 0",
+        ),
+        (
             ["--consistency-weight", "1", "--consistency-neighbors", "100000"],
             "--consistency-neighbors=100000 .* fewer than the 1293 training images",
         ),
