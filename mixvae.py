@@ -423,14 +423,14 @@ class Objective(eqx.Module):
     kl_c_weight: float = 1.0  # w_cat
     prior_weight: float = 1.0  # lambda
     prior_mean: float = 7.0  # M
-    prior_sigma: float = 0.7  # sigma
+    prior_sigma: float = 1.0  # sigma
     beta_z: float = 1.0
     dirichlet_alpha: float | None = eqx.field(default=None, static=True)  # None: no Dirichlet term
     dirichlet_weight: float = 1.0
     diversity_weight: float = -50.0  # < 0 rewards diverse usage
     router: str = eqx.field(default="straight_through", static=True)
-    consistency_weight: float = 0.0  # w_cons; a Python 0: no augmented view is encoded
-    augment_strength: float = 1.0
+    consistency_weight: float = 40.0  # w_cons (square images); a Python 0: no view is encoded
+    augment_strength: float = 0.15
     # training decodes only each example's top-M channels; None: all
     top_m: int | None = eqx.field(default=None, static=True)
     # separate decoders: rows per channel, as a multiple of B M / K

@@ -537,7 +537,8 @@ def test_loss_terms_follow_the_regularizer_choice_and_schedule():
         "reconstruction": np.mean(np.sum(s * nll, -1)),
         "kl_z": 0.5 * np.mean(np.sum(kl_z, -1)),
         "kl_c": 0.25 * 3.0 * np.mean(np.sum(r * np.log(r * 3), -1)),
-        "logit_mog": 0.25 * np.mean(-reference_log_prior(logits, 7.0, 0.7, np.ones(3, bool))),
+        "logit_mog": 0.25
+        * np.mean(-reference_log_prior(logits, 7.0, every.prior_sigma, np.ones(3, bool))),
         "dirichlet": 0.3 * 3 * np.log(3),  # -(alpha - 1) sum_k log(1/3), pi uniform
         "diversity": -2.0 * np_entropy(usage),
         "consistency": 4.0 * np.mean(np.asarray(terms.consistency, np.float64)),
@@ -812,15 +813,7 @@ def test_validate_only_trains_nothing_and_exits_zero(tmp_path):
         (["--restarts", "2", "--restart-choice", "agreement"], "'agreement' .* two or more --se"),
         (["--consistency-neighbors", "-1"], "--consistency-neighbors=-1 .* integer >= 0"),
         (
-            ["--consistency-neighbors", "3"],
-            "--consistency-neighbors=3 .* --consistency-weight is 0",
-        ),
-        (
-            ["--consistency-neighbors", "3", "--sweep", "prior-mean=5,7"],
-            "point prior-mean5: --consistency-neighbors=3 .* --consistency-weight is 0",
-        ),
-        (
-            ["--consistency-weight", "1", "--consistency-neighbors", "100000"],
+            ["--consistency-neighbors", "100000"],
             "--consistency-neighbors=100000 .* fewer than the 1293 training images",
         ),
     ],
@@ -843,6 +836,28 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, monkeypatch, caps
     assert train.main(["--out-dir", str(tmp_path), "--epochs", "1"]) == 2
     assert "--out-dir" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_neighbours_are_warped_only_where_the_consistency_term_is_on():
+    """k > 0 builds a neighbour table only if some run of the config weights the consistency term;
+    at weight 0 (an ablation of the defaults, the plain preset) k is unused and not refused."""
+    parse = train.parse_config
+    assert configs.warps_neighbours(parse([]))  # the defaults: k = 5, weight 40
+    assert not configs.warps_neighbours(parse(["--consistency-weight", "0"]))
+    assert not configs.warps_neighbours(parse(["--consistency-neighbors", "0"]))
+    assert not configs.warps_neighbours(parse(["--preset", "plain"]))
+    assert not configs.warps_neighbours(parse(["--preset", "plain", "--sweep", "prior-mean=5,7"]))
+    swept = [
+        "--preset",
+        "plain",
+        "--consistency-neighbors",
+        "5",
+        "--sweep",
+        "consistency-weight=0,9",
+    ]
+    assert configs.warps_neighbours(parse(swept))
+    unused = parse(["--consistency-weight", "0", "--consistency-neighbors", "100000"])
+    assert train.load_dataset(unused).train.images.shape == (1293, 64)
 
 
 def test_validation_and_evaluation_compile_ahead_once_each(tmp_path, caplog):
@@ -1215,8 +1230,8 @@ def test_bench_counts_the_multiply_adds_of_matmuls_and_convolutions():
     )  # a scan body, 7 times
     assert bench._count_macs(jaxpr.jaxpr) == 7 * 64 * 32
     model = tiny_model(conditioning="separate")  # 3 stacked decoders of 2 -> 32 -> 32 -> 64
-    flops = bench.train_step_flops(
-        model, all_active(), mixvae.Objective(), batch_size=4, input_dim=64
+    flops = bench.train_step_flops(  # without the consistency term's second encoder pass
+        model, all_active(), mixvae.Objective(consistency_weight=0.0), batch_size=4, input_dim=64
     )
     encoder = 64 * 32 + 32 * 32 + 32 * 3 + 32 * 2 * 3 * 2
     decoders = 3 * (2 * 32 + 32 * 32 + 32 * 64)
@@ -1255,11 +1270,21 @@ def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
     assert (tmp_path / "results-toy.png").stat().st_size > 10_000
     # the capacity table: the mnist preset first, then wider, then K = 1 at the widest
     mnist = {name: train.parse_config(flags) for name, flags in bench.result_rows("mnist").items()}
-    assert mnist["logit_mog + consistency over neighbours"] == configs.PRESETS["mnist"]
+    as_ran = dataclasses.replace(configs.PRESETS["mnist"], latent_dim=4, hidden_dim=128)
+    assert mnist["logit_mog + consistency over neighbours"] == as_ran
     assert mnist["logit_mog + consistency"].consistency_neighbors == 0
-    assert mnist["logit_mog"].consistency_weight == mnist["logit_mog"].consistency_neighbors == 0
+    assert mnist["logit_mog"].consistency_weight == 0
+    assert not configs.warps_neighbours(mnist["logit_mog"])
+    digits = {
+        name: train.parse_config(flags) for name, flags in bench.result_rows("digits").items()
+    }
+    assert digits["logit_mog + consistency over neighbours"] == configs.Config()  # the usage line
+    assert digits["logit_mog + consistency"] == configs.Config(consistency_neighbors=0)
+    assert digits["categorical"] == configs.Config(
+        c_regularizer="categorical", consistency_weight=0
+    )
     runs = [train.parse_config(flags) for flags in bench.result_rows("mnist-capacity").values()]
-    assert runs[0] == dataclasses.replace(configs.PRESETS["mnist"], consistency_neighbors=0)
+    assert runs[0] == dataclasses.replace(as_ran, consistency_neighbors=0)
     assert [(run.latent_dim, run.hidden_dim) for run in runs[:-1]] == list(bench.CAPACITIES)
     plain = dataclasses.replace(runs[-2], num_components=1, consistency_weight=0.0)
     assert runs[-1] == plain
@@ -1650,7 +1675,8 @@ def test_a_sweep_trains_its_grid_in_one_compile_each_point_equal_to_its_own_run(
     )
     assert json.loads((sweep / "summary.json").read_text())["points"] == summary["points"]
     objective = train.replica_objective(configs.Config(sweep=("prior-mean=3,9",), seeds=(0, 1)))
-    assert objective.prior_mean.tolist() == [3, 3, 9, 9] and objective.prior_sigma == 0.7
+    assert objective.prior_mean.tolist() == [3, 3, 9, 9]
+    assert objective.prior_sigma == configs.Config().prior_sigma  # unswept: a Python float
 
 
 def test_restarts_keep_per_seed_the_candidate_with_the_best_monitored_value(tmp_path):
@@ -2426,7 +2452,7 @@ def test_an_epoch_warps_the_drawn_neighbours():
 def test_consistency_term_enters_the_loss_only_when_weighted_and_in_training():
     model, sched = tiny_model(), all_active()
     x = jax.random.uniform(jax.random.key(5), (16, 64))
-    plain = mixvae.Objective()
+    plain = mixvae.Objective(consistency_weight=0.0)
     weighted = mixvae.Objective(consistency_weight=2.0)
     loss_plain, m_plain = mixvae.loss_fn(model, x, jax.random.key(0), sched, plain)
     loss_weighted, m_weighted = mixvae.loss_fn(model, x, jax.random.key(0), sched, weighted)

@@ -321,7 +321,7 @@ def load_dataset(config: Config) -> Dataset:
             f"--batch-size={config.batch_size} is not allowed: must be at most the "
             f"{len(data.train.images)} training images of {data.name}"
         )
-    if config.consistency_neighbors >= len(data.train.images):
+    if configs.warps_neighbours(config) and config.consistency_neighbors >= len(data.train.images):
         raise ConfigError(
             f"--consistency-neighbors={config.consistency_neighbors} is not allowed: must be "
             f"fewer than the {len(data.train.images)} training images of {data.name}"
@@ -2714,7 +2714,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     if config.figures:
         in_background(pyplot)  # matplotlib loads while the training runs
     neighbors = None
-    if config.consistency_neighbors:  # each process computes it from the same training images
+    if configs.warps_neighbours(config):  # each process computes it from the same training images
         with timed(timings, "neighbours"):
             neighbors = jax.block_until_ready(
                 mixvae.nearest_neighbors(
