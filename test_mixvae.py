@@ -357,7 +357,7 @@ TINY_BATCH = (jax.random.uniform(jax.random.key(42), (16, 64)) > 0.6).astype(jnp
 @pytest.mark.parametrize("decoder", mixvae.DECODERS)
 def test_model_trains_on_a_tiny_batch(conditioning, decoder):
     model = tiny_model(conditioning=conditioning, decoder=decoder, encoder=decoder)
-    objective = mixvae.Objective(c_regularizer="both", router="gumbel")
+    objective = mixvae.Objective(c_regularizer="both", router="gumbel", consistency_weight=0.0)
     optimizer = mixvae.make_optimizer(3e-3)
     opt_state = mixvae.init_optimizer(optimizer, model)
     sched = all_active()
@@ -422,7 +422,9 @@ def test_top_m_capacity_drops_rows_past_it_in_row_order():
 
 def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
     model = tiny_model(num_components=4, conditioning="separate")
-    objective = mixvae.Objective(router="gumbel", top_m=2, top_m_capacity=4.0)
+    objective = mixvae.Objective(
+        router="gumbel", top_m=2, top_m_capacity=4.0, consistency_weight=0.0
+    )
     sched = all_active(4)
     key = jax.random.key(5)
     forward = eqx.filter_jit(mixvae.forward)
@@ -446,7 +448,7 @@ def test_top_m_weights_renormalise_and_unselected_decoders_get_no_gradient():
 
 def test_train_step_and_epoch_compile_once_across_schedule_values():
     model = tiny_model()
-    objective = mixvae.Objective()
+    objective = mixvae.Objective(consistency_weight=0.0)
     optimizer = mixvae.make_optimizer(1e-3)
     opt_state = mixvae.init_optimizer(optimizer, model)
     before_step = eqx.debug.get_num_traces(mixvae.train_step)
@@ -556,7 +558,7 @@ def test_neg_elbo_matches_a_float64_reference(layout, top_m):
     unweighted), with top_m: r restricted to the decoded channels, renormalised, in the nll."""
     model = with_pi_logits(tiny_model(latent_layout=layout, learnable_pi=True))
     sched = all_active()
-    objective = mixvae.Objective(top_m=top_m)
+    objective = mixvae.Objective(top_m=top_m, consistency_weight=0.0)
     key = None if top_m is None else jax.random.key(2)
     terms = mixvae.forward(model, TINY_BATCH, key, sched, objective)
     _, metrics = mixvae.aggregate(model, terms, sched, objective)
@@ -579,7 +581,11 @@ def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     mask = jnp.array([True, False, True])
     sched = all_active(active_mask=mask)
     terms = mixvae.forward(
-        model, TINY_BATCH, jax.random.key(0), sched, mixvae.Objective(router="gumbel")
+        model,
+        TINY_BATCH,
+        jax.random.key(0),
+        sched,
+        mixvae.Objective(router="gumbel", consistency_weight=0.0),
     )
     assert np.all(np.asarray(terms.weights)[:, 1] == 0) and np.all(
         np.asarray(terms.responsibilities)[:, 1] == 0
@@ -595,7 +601,7 @@ def test_inactive_channels_do_not_change_reconstruction_or_prior_sum():
     np.testing.assert_allclose(metrics["kl_c_logit_mog"], expected, rtol=1e-6)
     assert float(metrics["k_active"]) == 2.0
     # what channel 1 decodes does not matter while it is closed: its decoder gets no gradient
-    objective = mixvae.Objective(router="gumbel")
+    objective = mixvae.Objective(router="gumbel", consistency_weight=0.0)
 
     @eqx.filter_jit
     def loss(m):
@@ -1515,7 +1521,9 @@ def test_iw_bound_is_tighter_than_the_elbo(layout):
     sched = all_active()
 
     def sampled_neg_elbo(key):
-        return mixvae.loss_fn(model, TINY_BATCH, key, sched, mixvae.Objective())[1]["neg_elbo"]
+        return mixvae.loss_fn(
+            model, TINY_BATCH, key, sched, mixvae.Objective(consistency_weight=0.0)
+        )[1]["neg_elbo"]
 
     elbo = jnp.mean(jax.vmap(sampled_neg_elbo)(jax.random.split(jax.random.key(1), 256)))
     iw = mixvae.iw_log_likelihood(model, TINY_BATCH, jax.random.key(0), sched, num_samples=64)
