@@ -844,9 +844,14 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, monkeypatch, caps
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
-def test_neighbours_are_warped_only_where_the_consistency_term_is_on():
+def test_neighbours_are_warped_only_where_the_consistency_term_is_on(tmp_path, monkeypatch):
     """k > 0 builds a neighbour table only if some run of the config weights the consistency term;
     at weight 0 (an ablation of the defaults, the plain preset) k is unused and not refused."""
+    monkeypatch.setattr(mixvae, "nearest_neighbors", None)  # a call would raise
+    out = tmp_path / "run"
+    ablation = ["--out-dir", str(out), "--consistency-weight", "0", "--epochs", "1", *SMALL_RUN]
+    assert train.main(ablation) == 0
+    assert "neighbours" not in json.loads((out / "summary.json").read_text())["timing_sec"]
     parse = train.parse_config
     assert configs.warps_neighbours(parse([]))  # the defaults: k = 5, weight 40
     assert not configs.warps_neighbours(parse(["--consistency-weight", "0"]))
