@@ -517,15 +517,6 @@ def point_name(point: dict[str, float]) -> str:
 DEFAULT = Config()
 
 
-def warps_neighbours(config: Config) -> bool:
-    """Whether the run's consistency term warps neighbours: k > 0 and a consistency weight > 0
-    (at one --sweep point at least)."""
-    weights = [
-        point.get("consistency_weight", config.consistency_weight) for point in sweep_grid(config)
-    ] or [config.consistency_weight]
-    return config.consistency_neighbors > 0 and max(weights) > 0
-
-
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 

@@ -853,11 +853,11 @@ def test_neighbours_are_warped_only_where_the_consistency_term_is_on(tmp_path, m
     assert train.main(ablation) == 0
     assert "neighbours" not in json.loads((out / "summary.json").read_text())["timing_sec"]
     parse = train.parse_config
-    assert configs.warps_neighbours(parse([]))  # the defaults: k = 5, weight 40
-    assert not configs.warps_neighbours(parse(["--consistency-weight", "0"]))
-    assert not configs.warps_neighbours(parse(["--consistency-neighbors", "0"]))
-    assert not configs.warps_neighbours(parse(["--preset", "plain"]))
-    assert not configs.warps_neighbours(parse(["--preset", "plain", "--sweep", "prior-mean=5,7"]))
+    assert train.warps_neighbours(parse([]))  # the defaults: k = 5, weight 40
+    assert not train.warps_neighbours(parse(["--consistency-weight", "0"]))
+    assert not train.warps_neighbours(parse(["--consistency-neighbors", "0"]))
+    assert not train.warps_neighbours(parse(["--preset", "plain"]))
+    assert not train.warps_neighbours(parse(["--preset", "plain", "--sweep", "prior-mean=5,7"]))
     swept = [
         "--preset",
         "plain",
@@ -866,7 +866,7 @@ def test_neighbours_are_warped_only_where_the_consistency_term_is_on(tmp_path, m
         "--sweep",
         "consistency-weight=0,9",
     ]
-    assert configs.warps_neighbours(parse(swept))
+    assert train.warps_neighbours(parse(swept))
     unused = parse(["--consistency-weight", "0", "--consistency-neighbors", "100000"])
     assert train.load_dataset(unused).train.images.shape == (1293, 64)
 
@@ -1285,7 +1285,7 @@ def test_results_table_rows_give_mean_std_and_every_seed(tmp_path):
     assert mnist["logit_mog + consistency over neighbours"] == as_ran
     assert mnist["logit_mog + consistency"].consistency_neighbors == 0
     assert mnist["logit_mog"].consistency_weight == 0
-    assert not configs.warps_neighbours(mnist["logit_mog"])
+    assert not train.warps_neighbours(mnist["logit_mog"])
     digits = {
         name: train.parse_config(flags) for name, flags in bench.result_rows("digits").items()
     }

@@ -321,7 +321,7 @@ def load_dataset(config: Config) -> Dataset:
             f"--batch-size={config.batch_size} is not allowed: must be at most the "
             f"{len(data.train.images)} training images of {data.name}"
         )
-    if configs.warps_neighbours(config) and config.consistency_neighbors >= len(data.train.images):
+    if warps_neighbours(config) and config.consistency_neighbors >= len(data.train.images):
         raise ConfigError(
             f"--consistency-neighbors={config.consistency_neighbors} is not allowed: must be "
             f"fewer than the {len(data.train.images)} training images of {data.name}"
@@ -496,6 +496,13 @@ def sweep_points(config: Config) -> list[Config]:
     return [
         dataclasses.replace(config, sweep=(), **point) for point in configs.sweep_grid(config)
     ] or [config]
+
+
+def warps_neighbours(config: Config) -> bool:
+    """Whether the consistency term warps neighbours: k > 0 and a consistency weight > 0 (at one
+    --sweep point at least)."""
+    weights = [point.consistency_weight for point in sweep_points(config)]
+    return config.consistency_neighbors > 0 and max(weights) > 0
 
 
 def replicas(config: Config) -> list[tuple[int, int]]:
@@ -2714,7 +2721,7 @@ def run(config: Config, given: set[str] = frozenset()) -> tuple[Path, Outcome]:
     if config.figures:
         in_background(pyplot)  # matplotlib loads while the training runs
     neighbors = None
-    if configs.warps_neighbours(config):  # each process computes it from the same training images
+    if warps_neighbours(config):  # each process computes it from the same training images
         with timed(timings, "neighbours"):
             neighbors = jax.block_until_ready(
                 mixvae.nearest_neighbors(
